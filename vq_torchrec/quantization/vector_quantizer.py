@@ -317,7 +317,7 @@ class VectorQuantizer(nn.Module):
         k = self.codebook_size
         if self.update == "ema":
             counts, sums = rows.sums(codes, k, self.chunk_size)
-            buf = torch.cat([counts.unsqueeze(1), sums], dim=1)
+            buf = all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], dim=1), group)
             counts, sums = buf[:, 0], buf[:, 1:]
             if self._fresh_init:
                 ema_reset_(self.cluster_size, self.embed_sum, counts, sums, self.embed)
