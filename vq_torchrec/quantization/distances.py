@@ -9,6 +9,16 @@ from __future__ import annotations
 
 import torch
 
+# Scores per block (fp32): 4 MiB stays in a CPU's L2 cache, where the GEMM + max pass is ~2x
+# faster than on a 32 MiB block (8192 rows x K 1024). Blocks are the smaller of this and
+# ``chunk_size`` rows, so ``chunk_size`` stays the hard memory bound.
+CACHE_SCORES = 1 << 20
+
+
+def block_rows(chunk_size: int, codebook_size: int) -> int:
+    """Rows scored per block: ``min(chunk_size, max(64, CACHE_SCORES // K))``."""
+    return min(chunk_size, max(64, CACHE_SCORES // codebook_size))
+
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Rows of ``x`` (``(..., dim)``) scaled to unit L2 norm. Rows with norm ``< eps`` have no
@@ -29,8 +39,8 @@ def nearest_codes(
         x: ``(M, dim)`` fp32 rows (unit rows for ``distance="cosine"``).
         codebook: ``(K, dim)`` fp32 codes (unit rows for cosine).
         distance: ``"l2"`` or ``"cosine"``.
-        chunk_size: rows scored at once (memory ``chunk_size * K`` floats, one buffer
-            reused across chunks).
+        chunk_size: at most this many rows scored at once (memory ``chunk_size * K`` floats,
+            one buffer reused across blocks); see :func:`block_rows`.
     Returns:
         ``(M,)`` long codes.
     """
@@ -39,6 +49,7 @@ def nearest_codes(
     if m == 0:
         return codes
     k, d = codebook.shape
+    chunk_size = block_rows(chunk_size, k)
     rows = min(chunk_size, m)
     scores = torch.empty(rows, k, dtype=torch.float32, device=x.device)
     best = torch.empty(rows, dtype=torch.float32, device=x.device)
