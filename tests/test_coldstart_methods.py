@@ -19,13 +19,6 @@ from vq_torchrec.coldstart.vq_method import VQItemGenerator, VQMethod, VQMethodC
 N, K = 40, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread avoids oversubscribing the shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(kind: str = "deepfm") -> RunConfig:

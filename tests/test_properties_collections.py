@@ -11,7 +11,6 @@ raises a ``ValueError`` naming the quantized table and the feature whose rows we
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -39,12 +38,6 @@ PROPERTY_SETTINGS = settings(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def vq_configs(concat: bool | None = None) -> st.SearchStrategy[VQConfig]:

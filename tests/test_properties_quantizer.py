@@ -10,7 +10,6 @@ values of the right shape, dtype and range and leave every buffer finite, or rai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -34,12 +33,6 @@ PROPERTY_SETTINGS = settings(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass

@@ -9,15 +9,6 @@ from vq_torchrec.quantization import VectorQuantizer
 from vq_torchrec.quantization.outer import OuterDot, OuterRows, outer_factors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster and steadier on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def naive_outer(z: torch.Tensor, codebook: torch.Tensor, beta: float, distance: str, train_codebook: bool):
     """Seed-style formulation, fixed: signed root, explicit (N, d, d) rows, full distances."""
     n, d = z.shape

@@ -8,15 +8,6 @@ import torch
 from vq_torchrec.quantization import ResidualVectorQuantizer, VQConfig, build_quantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster and steadier on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(rvq: ResidualVectorQuantizer, data: torch.Tensor, steps: int = 20) -> None:
     for step in range(steps):
         rvq(data[(step * 256) % data.shape[0]:][:256])

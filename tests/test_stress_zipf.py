@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -33,13 +32,6 @@ ZIPF_EXPONENT = 1.2
 FEATURES = ["item", "history", "user"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny ops: one intra-op thread is faster and deterministic on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def zipf_probs(n: int, exponent: float, generator: torch.Generator) -> torch.Tensor:
