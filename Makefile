@@ -7,6 +7,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
+# MovieLens: $MOVIELENS_ROOT (one folder per release) if set, else a shared copy next to the
+# checkout if there is one, else the example downloads into its cache (checksum-verified).
+ifeq ($(origin MOVIELENS_ROOT),undefined)
+  ifneq ($(wildcard ../shared/data/movielens),)
+    export MOVIELENS_ROOT := $(abspath ../shared/data/movielens)
+  endif
+endif
+
 .PHONY: demo test lint bench-deps clean-venv
 
 $(STAMP): requirements/cpu.txt requirements/torchrec.txt pyproject.toml
