@@ -70,6 +70,7 @@ def build(
     seed: int,
     unsharded: bool = False,
     chunk_size: int = 0,
+    search_precision: str = "fp32",
 ) -> nn.Module:
     """DLRM over ``case.tables`` tables wrapped in DMP (fused row-wise Adagrad tables), or
     with ``unsharded`` a plain module on ``device`` (tables trained by the dense optimizer)."""
@@ -84,6 +85,7 @@ def build(
         cfg = VQConfig(codebook_size=case.k, update="ema", kmeans_init=True, kmeans_iters=5, restart_every=100)
         if chunk_size:
             cfg.chunk_size = chunk_size
+        cfg.search_precision = search_precision  # type: ignore[assignment]
         collection = VQEmbeddingBagCollection.from_ebc(ebc, cfg)
         collection.quantize.to(device)
     model = DLRM(
@@ -150,7 +152,8 @@ def sync(device: torch.device) -> None:
 def time_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     plain = Trainer(build(case, args.rows, False, device, seed=0, unsharded=args.unsharded), with_vq=False)
     vqt = Trainer(
-        build(case, args.rows, True, device, seed=0, unsharded=args.unsharded, chunk_size=args.chunk_size),
+        build(case, args.rows, True, device, seed=0, unsharded=args.unsharded, chunk_size=args.chunk_size,
+              search_precision=args.search_precision),
         with_vq=True,
     )
     rank = dist.get_rank()
@@ -243,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", default="", help="append the table to this file")
     p.add_argument("--chunk-size", type=int, default=0, help="VQConfig.chunk_size (0: its default)")
     p.add_argument(
+        "--search-precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="VQConfig.search_precision: exact fp32 nearest-code search or bf16 candidates + fp32 re-score",
+    )
+    p.add_argument(
         "--unsharded",
         action="store_true",
         help="no DMP: plain modules, tables trained by dense SGD (for GPUs without fbgemm-gpu)",
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         f"device={device.type} world_size={world} threads/rank={torch.get_num_threads()} "
         f"rows/table={args.rows} steps={args.steps} (median) warmup={args.warmup} "
         f"{'unsharded, dense SGD' if args.unsharded else 'DMP table-wise, fused row-wise Adagrad'} "
-        f"VQ chunk_size={args.chunk_size or VQConfig().chunk_size}",
+        f"VQ chunk_size={args.chunk_size or VQConfig().chunk_size} search_precision={args.search_precision}",
         "",
         "| tables | dim | batch/rank | K | plain ms | VQ ms | VQ / plain | plain ex/s | VQ ex/s "
         "| plain CPU-s | VQ CPU-s | CPU-time ratio |",

@@ -9,6 +9,7 @@ Mode = Literal["vector", "outer"]
 Distance = Literal["l2", "cosine"]
 Update = Literal["loss", "ema"]
 Output = Literal["quantized", "concat"]
+SearchPrecision = Literal["fp32", "bf16"]
 
 
 @dataclass
@@ -29,6 +30,10 @@ class VQConfig:
         restart_every: check for dead codes every this many training steps (0 = never).
         rotation_trick: use the rotation trick instead of the straight-through estimator.
         chunk_size: rows per chunk for distance computation (bounds ``chunk * K`` memory).
+        search_precision: ``"fp32"`` (exact nearest-code search) or ``"bf16"`` (opt-in,
+            ``mode="vector"`` only: a bf16 GEMM picks a few candidates per row, which are
+            re-scored exactly in fp32; see :mod:`vq_torchrec.quantization.fast_search`).
+            Statistics, losses and k-means init stay fp32 either way.
         num_levels: ``> 1`` builds a ``ResidualVectorQuantizer`` with that many levels.
 
     Collection option:
@@ -49,6 +54,7 @@ class VQConfig:
     restart_every: int = 100
     rotation_trick: bool = False
     chunk_size: int = 8192
+    search_precision: SearchPrecision = "fp32"
     num_levels: int = 1
     output: Output = "quantized"
 

@@ -115,7 +115,7 @@ class ResidualVectorQuantizer(nn.Module):
             for level in self.levels:
                 rows, _ = level._rows(residual)
                 book = level.codebook
-                c = rows.assign(book, level.distance, level.chunk_size)
+                c = level.assign(rows, book)
                 residual = residual - level._decode_rows(residual, book, c)
                 codes.append(c)
         stacked = torch.stack(codes, dim=1)
