@@ -42,6 +42,11 @@ def _base_config(args: argparse.Namespace, dataset: str) -> TrainConfig:
         embedding_dim=args.embedding_dim,
         codebook_size=args.codebook_size,
         vq_output=args.vq_output,
+        vq_features=tuple(args.vq_features) if args.vq_features else None,
+        commitment_weight=args.commitment_weight,
+        arch=args.arch,
+        dense_arch=tuple(args.dense_arch),
+        over_arch=tuple(args.over_arch),
         lr=args.lr,
         sparse_lr=args.sparse_lr,
         drop_neutral=True,
@@ -113,6 +118,19 @@ def _fmt(s: dict[str, float]) -> str:
     return f"{s['mean']:.4f} ± {s['std']:.4f}"
 
 
+def _sizes(sizes: list[int]) -> str:
+    return "-".join(str(x) for x in sizes)
+
+
+def _vq_tables(cfg: dict[str, Any]) -> str:
+    feats = cfg.get("vq_features")
+    if not feats:
+        return "every table"
+    extra = (" (the other tables plain, 2 x dim wide so every key has the concat width)"
+             if cfg["vq_output"] == "concat" else "")
+    return "the " + ", ".join(f"`{f}`" for f in feats) + " tables only" + extra
+
+
 def _markdown(args: argparse.Namespace, results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = [
@@ -128,12 +146,14 @@ def _markdown(args: argparse.Namespace, results: dict[str, Any]) -> str:
         f"(RecBole ml-1m CTR protocol); seeds {cfg['seeds']} (each seed re-draws split and init, "
         f"plain and VQ share it); epoch selected on validation AUC, test metrics of that epoch "
         f"reported; mean ± sample std over seeds. ML-1M = `$MOVIELENS_ROOT/ml-1m-notime` "
-        f"(all 1,000,209 ratings). Model: torchrec DLRM, dim {cfg['embedding_dim']}, bottom MLP "
-        f"64, top MLP 128-64, batch {cfg['batch_size']} (ML-1M) / {cfg['batch_size_ml100k']} "
+        f"(all 1,000,209 ratings). Model: torchrec {cfg.get('arch', 'dlrm').upper()}, dim "
+        f"{cfg['embedding_dim']}, bottom MLP {_sizes(cfg.get('dense_arch', [64]))}, top MLP "
+        f"{_sizes(cfg.get('over_arch', [128, 64]))}, batch {cfg['batch_size']} (ML-1M) / {cfg['batch_size_ml100k']} "
         f"(ml-100k), Adam lr {cfg['lr']} (dense) + Adagrad lr "
-        f"{cfg['sparse_lr']} (tables); VQ: `VQEmbeddingBagCollection` on every table, K="
-        f"{cfg['codebook_size']}, output={cfg['vq_output']!r}, EMA codebooks, k-means init. CPU, "
-        f"single process.",
+        f"{cfg['sparse_lr']} (tables); VQ: `VQEmbeddingBagCollection` on "
+        f"{_vq_tables(cfg)}, K={cfg['codebook_size']}, output={cfg['vq_output']!r}, "
+        f"commitment weight {cfg.get('commitment_weight', 0.25)}, EMA codebooks, k-means init. "
+        f"CPU, single process.",
         "",
         "| dataset | model | test AUC | test log-loss | val AUC | epochs (best) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -142,7 +162,8 @@ def _markdown(args: argparse.Namespace, results: dict[str, Any]) -> str:
         dataset, variant = key.split("/")
         rows = [x for x in results["runs"] if x["dataset"] == dataset and x["variant"] == variant]
         best = ",".join(str(x["best_epoch"] + 1) for x in rows)
-        name = "DLRM + VQ" if variant == "vq" else "DLRM (plain)"
+        arch = "DLRM_DCN" if cfg.get("arch") == "dcn" else "DLRM"
+        name = f"{arch} + VQ" if variant == "vq" else f"{arch} (plain)"
         lines.append(f"| {dataset} | {name} | {_fmt(s['test_auc'])} | {_fmt(s['test_logloss'])} "
                      f"| {_fmt(s['val_auc'])} | {rows[0]['epochs']} ({best}) |")
     a = results["anchor_ml1m"]
@@ -196,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embedding-dim", type=int, default=32)
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--vq-output", choices=["quantized", "concat"], default="concat")
+    p.add_argument("--vq-features", nargs="+", default=None,
+                   help="quantize only these features' tables (default: every table)")
+    p.add_argument("--commitment-weight", type=float, default=0.25)
+    p.add_argument("--arch", choices=["dlrm", "dcn"], default="dlrm")
+    p.add_argument("--dense-arch", nargs="+", type=int, default=[64], help="bottom MLP hidden sizes")
+    p.add_argument("--over-arch", nargs="+", type=int, default=[128, 64], help="top MLP hidden sizes")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sparse-lr", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

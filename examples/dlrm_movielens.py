@@ -33,6 +33,13 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated feature names, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--vq-output", choices=["quantized", "concat"], default=d.vq_output,
                    help="quantized vector alone, or [embedding, quantized]")
     p.add_argument("--vq-update", choices=["ema", "loss"], default=d.vq_update)
+    p.add_argument("--vq-features", type=_name_list, default=None,
+                   help="quantize only these features' tables, e.g. user_id,item_id (default: all)")
     p.add_argument("--commitment-weight", type=float, default=d.commitment_weight)
     p.add_argument("--lr", type=float, default=d.lr, help="dense (Adam) learning rate")
     p.add_argument("--sparse-lr", type=float, default=d.sparse_lr, help="embedding-table learning rate")
@@ -77,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         output=a.output, resume=a.resume, batch_size=a.batch_size,
         eval_batch_size=a.eval_batch_size, embedding_dim=a.embedding_dim,
         codebook_size=a.codebook_size, vq_output=a.vq_output, vq_update=a.vq_update,
-        commitment_weight=a.commitment_weight, lr=a.lr, sparse_lr=a.sparse_lr,
+        commitment_weight=a.commitment_weight, vq_features=a.vq_features, lr=a.lr, sparse_lr=a.sparse_lr,
         sparse_optimizer=a.sparse_optimizer, split=a.split, threshold=a.threshold,
         drop_neutral=a.drop_neutral, arch=a.arch, dense_arch=a.dense_arch, over_arch=a.over_arch,
         sharding_type=a.sharding_type, checkpoint_every_steps=a.checkpoint_every_steps, log_every_steps=a.log_every_steps,

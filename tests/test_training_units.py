@@ -272,7 +272,14 @@ def test_build_dlrm_vq_subset_of_features() -> None:
     assert quantized == {"t_item_id"}
     b = _batches(1)[0]
     assert model(b.dense_features, b.sparse_features).shape == (16, 1)
-    with pytest.raises(ValueError, match="output='concat' must name every"):
-        build_dlrm(SIZES, num_dense=2, vq_features=["item_id"], vq=VQConfig(output="concat"))
+    # concat on a subset: the quantized key is [e, q] (2D), the others are plain 2D tables
+    model = build_dlrm(SIZES, num_dense=2, embedding_dim=8, vq_features=["item_id"],
+                       vq=VQConfig(codebook_size=8, output="concat"))
+    dims = {t.name: t.embedding_dim
+            for t in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()}
+    assert set(dims.values()) == {16}
+    assert model(b.dense_features, b.sparse_features).shape == (16, 1)
+    with pytest.raises(ValueError, match="vq_features is empty"):
+        build_dlrm(SIZES, num_dense=2, vq_features=[], vq=VQConfig(output="concat"))
     with pytest.raises(ValueError, match="not sparse features"):
         build_dlrm(SIZES, num_dense=2, vq_features=["movie"], vq=VQConfig(output="quantized"))

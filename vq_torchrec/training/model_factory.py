@@ -8,6 +8,7 @@ One ``EmbeddingBagConfig`` (table ``t_<feature>``) per sparse feature, all of th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -87,8 +88,9 @@ def build_dlrm(
         over_arch: hidden sizes of the top MLP (the final 1-logit layer is added).
         arch: ``"dlrm"`` (dot interaction) or ``"dcn"`` (low-rank cross net).
         device: where parameters live (``"meta"`` for lazy DMP materialisation).
-        vq_features: quantize only these features' tables (default: every table). A strict
-            subset needs ``output="quantized"`` (DLRM needs one pooled width for every key).
+        vq_features: quantize only these features' tables (default: every table). With
+            ``output="concat"`` and a strict subset, the other tables are plain ``2 * D``-wide
+            tables (DLRM needs one pooled width for every key).
 
     Returns:
         a ``DLRM`` (or ``DLRM_DCN``) whose ``forward(dense (B, num_dense), KJT)`` gives
@@ -105,15 +107,18 @@ def build_dlrm(
         unknown = sorted(set(vq_features) - set(sparse_feature_sizes))
         if unknown:
             raise ValueError(f"vq_features {unknown} are not sparse features ({sorted(sparse_feature_sizes)})")
-        if vq_cfg is not None and vq_cfg.output == "concat" and set(vq_features) != set(sparse_feature_sizes):
-            raise ValueError(
-                "vq_features with output='concat' must name every sparse feature: DLRM needs one "
-                "pooled width for all keys; use output='quantized' to quantize a subset"
-            )
+        if not vq_features:
+            raise ValueError("vq_features is empty: pass None to quantize every table, or vq=None")
     device = torch.device(device) if device is not None else torch.device("cpu")
     tables = build_tables(sparse_feature_sizes, embedding_dim)
 
     out_dim = embedding_dim * (2 if vq_cfg is not None and vq_cfg.output == "concat" else 1)
+    if vq_cfg is not None and vq_features is not None and out_dim != embedding_dim:
+        # DLRM needs one pooled width for every key: with output="concat" on a subset, the
+        # unquantized tables store 2 * D-wide rows so that every key is 2 * D wide.
+        quantized = {table_name(f) for f in vq_features}
+        tables = [t if t.name in quantized else dataclasses.replace(t, embedding_dim=out_dim)
+                  for t in tables]
     # DLRM sizes its arches from the collection's configs; build it over a placeholder of the
     # pooled output width, then put the real collection in.
     placeholder = EmbeddingBagCollection(

@@ -50,6 +50,7 @@ class TrainConfig:
     vq_output: Literal["quantized", "concat"] = "concat"
     vq_update: Literal["ema", "loss"] = "ema"
     commitment_weight: float = 0.25
+    vq_features: tuple[str, ...] | None = None  # quantize only these features (None: all)
     lr: float = 1e-3  # dense (Adam)
     sparse_lr: float = 0.05  # embedding tables (Adagrad)
     sparse_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
@@ -92,7 +93,7 @@ class TrainConfig:
 
 _RESUME_MUST_MATCH = (
     "dataset", "seed", "split", "threshold", "drop_neutral", "batch_size", "embedding_dim",
-    "codebook_size", "vq", "vq_output", "vq_update", "arch", "dense_arch", "over_arch",
+    "codebook_size", "vq", "vq_output", "vq_features", "vq_update", "arch", "dense_arch", "over_arch",
     "sparse_optimizer", "sharding_type",
 )
 
@@ -166,7 +167,7 @@ def _run(cfg: TrainConfig, env: DistEnv, data: PreparedData | None) -> dict[str,
     model = build_dlrm(
         data.sparse_feature_sizes, data.num_dense, embedding_dim=cfg.embedding_dim,
         vq=cfg.vq_config(), dense_arch=cfg.dense_arch, over_arch=cfg.over_arch, arch=cfg.arch,
-        device=env.device,
+        device=env.device, vq_features=cfg.vq_features if cfg.vq else None,
     )
     if env.distributed:
         model, optimizer = shard_model(
