@@ -105,23 +105,22 @@ def shard_model(
     dense_optimizer: DenseOptimizer = "adam",
     dense_lr: float = 1e-3,
     batch_size_per_rank: int | None = None,
-    sharding_types: list[str] | None = None,
+    sharding_type: str | None = None,
 ) -> tuple[nn.Module, CombinedOptimizer]:
-    """Wrap ``model`` in ``DistributedModelParallel`` (planner-chosen plan) with a fused sparse
-    optimizer and a keyed dense optimizer.
+    """Fuse the sparse optimizer into the tables (``apply_optimizer_in_backward``), wrap
+    ``model`` with :func:`vq_torchrec.distributed.shard_model` (planner-chosen plan, or every
+    table forced to ``sharding_type``) and add a keyed dense optimizer.
 
     Returns:
-        ``(dmp_model, optimizer)``; ``sharding_types`` (e.g. ``["table_wise"]``) restricts
-        the planner's choices for every table; ``optimizer.step()`` steps the dense part (the sparse part
+        ``(dmp_model, optimizer)``; ``optimizer.step()`` steps the dense part (the sparse part
         is applied inside backward).
     """
     if not env.distributed:
         raise ValueError("shard_model needs an initialised process group (run under torchrun)")
     _check_choices(sparse_optimizer, dense_optimizer, fused_on_cpu=env.device.type == "cpu")
-    import torch.distributed as dist
-    from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from vq_torchrec.distributed import shard_model as shard_vq_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -135,43 +134,10 @@ def shard_model(
             sparse_params,
             _sparse_kwargs(sparse_optimizer, sparse_lr),
         )
-    sharders = _sharders(get_default_sharders())
-    topology = Topology(
-        world_size=env.world_size,
-        compute_device=env.device.type,
-        local_world_size=env.world_size,
-    )
-    constraints = None
-    if sharding_types:
-        from torchrec.distributed.planner.types import ParameterConstraints
-
-        tables = [
-            n.split(".embedding_bags.")[-1].rsplit(".", 1)[0]
-            for n, _ in model.named_parameters()
-            if ".embedding_bags." in f".{n}"
-        ]
-        constraints = {t: ParameterConstraints(sharding_types=list(sharding_types)) for t in tables}
-    planner = EmbeddingShardingPlanner(
-        topology=topology,
-        batch_size=batch_size_per_rank or 512,
-        constraints=constraints,
-    )
-    pg = dist.GroupMember.WORLD
-    assert pg is not None
-    plan = planner.collective_plan(model, sharders, pg)
-    dmp = DistributedModelParallel(
-        module=model, device=env.device, plan=plan, sharders=sharders
+    dmp = shard_vq_model(
+        model, sharding_type=sharding_type, device=env.device, batch_size=batch_size_per_rank or 512
     )
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     dense_opt = _dense_wrapper(dense, dense_optimizer, dense_lr)
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
     return dmp, optimizer
-
-
-def _sharders(default: list) -> list:
-    """Default TorchRec sharders plus the VQ collection's sharder when the package has one."""
-    try:
-        from vq_torchrec.distributed import get_vq_sharders  # type: ignore[attr-defined]
-    except ImportError:
-        return default
-    return list(get_vq_sharders()) + default

@@ -173,7 +173,7 @@ def _run(cfg: TrainConfig, env: DistEnv, data: PreparedData | None) -> dict[str,
         model, optimizer = shard_model(
             model, env, sparse_optimizer=cfg.sparse_optimizer, sparse_lr=cfg.sparse_lr,
             dense_lr=cfg.lr, batch_size_per_rank=per_rank_bs,
-            sharding_types=[cfg.sharding_type] if cfg.sharding_type else None,
+            sharding_type=cfg.sharding_type or None,
         )
     else:
         optimizer = build_plain_optimizer(
