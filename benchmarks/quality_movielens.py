@@ -9,7 +9,8 @@ ML-1M.
 
     MOVIELENS_ROOT=/path/to/movielens python benchmarks/quality_movielens.py
 
-writes ``benchmarks/results/quality.json`` and ``benchmarks/results/quality.md``.
+writes ``benchmarks/results/quality.json`` and ``benchmarks/results/quality.md`` (the section that
+goes into ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
