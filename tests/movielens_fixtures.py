@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vq_torchrec.datasets.movielens import ML100K_GENRES as OFFICIAL_ML100K_GENRES
+
 # Titles with non-ASCII latin-1 characters (as in the real u.item / movies.dat).
 ITEMS = [
     (1, "Toy Story (1995)", ["Animation", "Children's", "Comedy"]),
@@ -39,27 +41,7 @@ USERS_100K = [  # id, age, gender, occupation, zip
     (5, 33, "F", "other", "15213"),
     (6, 42, "M", "executive", "T8H1N"),
 ]
-ML100K_GENRES = [
-    "unknown",
-    "Action",
-    "Adventure",
-    "Animation",
-    "Children's",
-    "Comedy",
-    "Crime",
-    "Documentary",
-    "Drama",
-    "Fantasy",
-    "Film-Noir",
-    "Horror",
-    "Musical",
-    "Mystery",
-    "Romance",
-    "Sci-Fi",
-    "Thriller",
-    "War",
-    "Western",
-]
+ML100K_GENRES = list(OFFICIAL_ML100K_GENRES)
 
 
 def make_ratings(

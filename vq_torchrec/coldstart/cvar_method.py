@@ -21,7 +21,7 @@ from torch import nn
 from vq_torchrec.coldstart.backbone import ITEM_KEY, CTRBackbone
 from vq_torchrec.coldstart.features import ITEM_SIDE_KEYS, ColdStartFeatures, RowBlock
 from vq_torchrec.coldstart.item_inputs import item_side_vectors, side_dim
-from vq_torchrec.coldstart.training import TrainConfig, train_new_item_rows
+from vq_torchrec.coldstart.training import TrainConfig, frozen_backbone, train_new_item_rows
 from vq_torchrec.coldstart.warm_start import warm_start_rows
 
 
@@ -82,13 +82,9 @@ class CVARMethod:
         side_params = [backbone.ebc.embedding_bags[k].weight for k in ITEM_SIDE_KEYS]
         params = list(self.generator.parameters()) + (side_params if self.train_side_tables else [])
         opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        frozen = [p for p in backbone.parameters() if all(p is not q for q in params)]
-        for p in frozen:
-            p.requires_grad_(False)
-        backbone.eval()
         self.generator.train()
         table = backbone.item_table.weight
-        try:
+        with frozen_backbone(backbone, trainable=params):
             for _ in range(epochs):
                 for b in feats.iter_batches(rows, self.cfg.batch_size, True, rng):
                     kjt, dense, label = feats.batch(b)
@@ -103,9 +99,6 @@ class CVARMethod:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
 
     @torch.no_grad()
     def _regenerate(self, backbone: CTRBackbone, feats: ColdStartFeatures) -> None:

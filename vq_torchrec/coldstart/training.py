@@ -3,6 +3,8 @@ update that trains only the new items' ID rows, and test AUC."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,22 @@ class TrainConfig:
     batch_size: int = 2048
     pretrain_epochs: int = 1
     warm_epochs: int = 1
+
+
+@contextmanager
+def frozen_backbone(backbone: torch.nn.Module, trainable: Sequence[torch.Tensor] = ()) -> Iterator[None]:
+    """Puts ``backbone`` in eval mode and freezes every parameter not in ``trainable`` for the
+    ``with`` block; their ``requires_grad`` is restored afterwards (the mode is not: callers
+    that need train mode set it)."""
+    frozen = [p for p in backbone.parameters() if p.requires_grad and all(p is not q for q in trainable)]
+    for p in frozen:
+        p.requires_grad_(False)
+    backbone.eval()
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def auc_score(labels: torch.Tensor, scores: torch.Tensor) -> float:
@@ -95,10 +113,7 @@ def train_new_item_rows(backbone: CTRBackbone, feats: ColdStartFeatures, rows: R
         params.append(bias)
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     was_training = backbone.training
-    backbone.eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen_backbone(backbone):
         for _ in range(cfg.warm_epochs):
             for b in feats.iter_batches(rows, cfg.batch_size, True, generator):
                 kjt, dense, label = feats.batch(b)
@@ -108,10 +123,7 @@ def train_new_item_rows(backbone: CTRBackbone, feats: ColdStartFeatures, rows: R
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-    finally:
-        for p in backbone.parameters():
-            p.requires_grad_(True)
-        backbone.train(was_training)
+    backbone.train(was_training)
     warm_start_rows(backbone, ITEM_KEY, new_ids, emb.detach())
     if bias is not None:
         warm_start_rows(backbone, f"{ITEM_KEY}_linear", new_ids, bias.detach().unsqueeze(-1))

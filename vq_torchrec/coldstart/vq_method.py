@@ -32,7 +32,7 @@ from vq_torchrec.coldstart.item_inputs import (
     item_agnostic_prob,
     item_side_vectors,
 )
-from vq_torchrec.coldstart.training import TrainConfig, train_new_item_rows
+from vq_torchrec.coldstart.training import TrainConfig, frozen_backbone, train_new_item_rows
 from vq_torchrec.coldstart.warm_start import read_rows, warm_start_rows
 from vq_torchrec.quantization.config import VQConfig
 
@@ -178,12 +178,10 @@ class VQMethod:
         id_bias = read_rows(backbone, f"{ITEM_KEY}_linear", all_items).squeeze(-1) if lin is not None \
             else torch.zeros(all_items.numel())
         rows = self._train_rows(feats, n_phases, k)
-        for p in backbone.parameters():
-            p.requires_grad_(False)
         opt = torch.optim.Adam(self.generator.parameters(), lr=self.vq_cfg.lr,
                                weight_decay=self.cfg.weight_decay)
         self.generator.train()
-        try:
+        with frozen_backbone(backbone):
             for _ in range(self.vq_cfg.epochs):
                 for b in feats.iter_batches(rows, self.cfg.batch_size, True, rng):
                     kjt, dense, label = feats.batch(b)
@@ -197,9 +195,6 @@ class VQMethod:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-        finally:
-            for p in backbone.parameters():
-                p.requires_grad_(True)
         self._regenerate(backbone, feats, None)
 
     @torch.no_grad()
@@ -236,11 +231,8 @@ class VQMethod:
         params = list(self.generator.decoder.parameters()) + list(self.generator.decoder_linear.parameters())
         opt = torch.optim.Adam(params, lr=self.vq_cfg.phase_lr, weight_decay=self.cfg.weight_decay)
         lin = backbone.item_linear_table
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        backbone.eval()
         self.generator.eval()  # encoder and quantizer frozen: codes and codebook do not move
-        try:
+        with frozen_backbone(backbone):
             for _ in range(self.vq_cfg.phase_decoder_epochs):
                 order = torch.randperm(len(rows), generator=rng)
                 for start in range(0, len(rows), self.cfg.batch_size):
@@ -254,9 +246,6 @@ class VQMethod:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-        finally:
-            for p in backbone.parameters():
-                p.requires_grad_(True)
 
     def warm_phase(self, backbone: CTRBackbone, feats: ColdStartFeatures, rows: RowBlock,
                    seen: RowBlock, rng: torch.Generator) -> None:
