@@ -50,6 +50,11 @@ def _base_config(args: argparse.Namespace, dataset: str) -> TrainConfig:
         over_arch=tuple(args.over_arch),
         lr=args.lr,
         sparse_lr=args.sparse_lr,
+        lr_schedule=args.lr_schedule,
+        lr_min_factor=args.lr_min_factor,
+        lr_decay_tables=not args.no_decay_tables,
+        dense_weight_decay=args.dense_weight_decay,
+        sparse_weight_decay=args.sparse_weight_decay,
         drop_neutral=True,
         threshold=4.0,
         split="random",
@@ -132,6 +137,20 @@ def _vq_tables(cfg: dict[str, Any]) -> str:
     return "the " + ", ".join(f"`{f}`" for f in feats) + " tables only" + extra
 
 
+def _regularisation(cfg: dict[str, Any]) -> str:
+    """The lr-schedule / weight-decay part of the protocol line (empty for the defaults)."""
+    parts = []
+    if cfg.get("lr_schedule", "constant") != "constant":
+        which = "dense lr only" if cfg.get("no_decay_tables") else "dense and table lr"
+        parts.append(f"{cfg['lr_schedule']} decay of the {which} to "
+                     f"{cfg.get('lr_min_factor', 0.0)} x over the run")
+    if cfg.get("dense_weight_decay"):
+        parts.append(f"dense weight decay {cfg['dense_weight_decay']}")
+    if cfg.get("sparse_weight_decay"):
+        parts.append(f"table weight decay {cfg['sparse_weight_decay']}")
+    return (", " + ", ".join(parts)) if parts else ""
+
+
 def _markdown(args: argparse.Namespace, results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = [
@@ -151,7 +170,7 @@ def _markdown(args: argparse.Namespace, results: dict[str, Any]) -> str:
         f"{cfg['embedding_dim']}, bottom MLP {_sizes(cfg.get('dense_arch', [64]))}, top MLP "
         f"{_sizes(cfg.get('over_arch', [128, 64]))}, batch {cfg['batch_size']} (ML-1M) / {cfg['batch_size_ml100k']} "
         f"(ml-100k), Adam lr {cfg['lr']} (dense) + Adagrad lr "
-        f"{cfg['sparse_lr']} (tables); VQ: `VQEmbeddingBagCollection` on "
+        f"{cfg['sparse_lr']} (tables){_regularisation(cfg)}; VQ: `VQEmbeddingBagCollection` on "
         f"{_vq_tables(cfg)}, K={cfg['codebook_size']}, output={cfg['vq_output']!r}, "
         f"commitment weight {cfg.get('commitment_weight', 0.25)}, EMA codebooks, k-means init. "
         f"CPU, single process.",
@@ -226,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--over-arch", nargs="+", type=int, default=[128, 64], help="top MLP hidden sizes")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sparse-lr", type=float, default=0.05)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
+                   help="per-step decay of the dense and table learning rates over the run")
+    p.add_argument("--lr-min-factor", type=float, default=0.0,
+                   help="the decayed lr at the last step, as a fraction of the base lr")
+    p.add_argument("--no-decay-tables", action="store_true",
+                   help="decay only the dense lr; the tables keep --sparse-lr")
+    p.add_argument("--dense-weight-decay", type=float, default=0.0, help="Adam weight decay (MLPs)")
+    p.add_argument("--sparse-weight-decay", type=float, default=0.0, help="Adagrad weight decay (tables)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--notes", default=None, help="markdown file appended to quality.md (tuning log)")

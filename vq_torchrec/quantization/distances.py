@@ -31,7 +31,11 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 @torch.no_grad()
 def nearest_codes(
-    x: torch.Tensor, codebook: torch.Tensor, distance: str, chunk_size: int
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    distance: str,
+    chunk_size: int,
+    best_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Index of the nearest code for every row (the first one on ties).
 
@@ -41,6 +45,9 @@ def nearest_codes(
         distance: ``"l2"`` or ``"cosine"``.
         chunk_size: at most this many rows scored at once (memory ``chunk_size * K`` floats,
             one buffer reused across blocks); see :func:`block_rows`.
+        best_scores: optional ``(M,)`` fp32 tensor that receives each row's winning score:
+            ``2 x . c - ||c||^2`` for l2 (so ``||x - c||^2 = ||x||^2 - score``), ``x . c`` for
+            cosine.
     Returns:
         ``(M,)`` long codes.
     """
@@ -52,7 +59,7 @@ def nearest_codes(
     chunk_size = block_rows(chunk_size, k)
     rows = min(chunk_size, m)
     scores = torch.empty(rows, k, dtype=torch.float32, device=x.device)
-    best = torch.empty(rows, dtype=torch.float32, device=x.device)
+    best = torch.empty(rows, dtype=torch.float32, device=x.device) if best_scores is None else best_scores
     if distance == "l2":
         # argmin ||c||^2 - 2 x.c == argmax [x, 1] @ [[2 C^T], [-||c||^2]]: the bias rides in the
         # GEMM, so no (chunk, K) bias copy and no extra pass over the scores
@@ -71,7 +78,8 @@ def nearest_codes(
         else:
             torch.mm(chunk, weight, out=out)
         # torch.max(dim) returns the first maximal index, like argmax, and is ~2x faster on CPU
-        torch.max(out, dim=1, out=(best[:c], codes[start : start + c]))
+        scores_out = best[:c] if best_scores is None else best[start : start + c]
+        torch.max(out, dim=1, out=(scores_out, codes[start : start + c]))
     return codes
 
 

@@ -62,6 +62,8 @@ def nearest_codes_bf16(
     distance: str,
     chunk_size: int,
     num_candidates: int = DEFAULT_CANDIDATES,
+    x_sq: torch.Tensor | None = None,
+    best_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Index of the nearest code per row: bf16 candidates, exact fp32 choice among them.
 
@@ -71,6 +73,9 @@ def nearest_codes_bf16(
         distance: ``"l2"`` or ``"cosine"``.
         chunk_size: at most this many rows scored at once (``chunk_size * K`` bf16 scores).
         num_candidates: candidates re-scored exactly per row (``>= 1``).
+        x_sq: optional precomputed ``(M,)`` fp32 ``||x||^2`` (saves a pass over ``x``).
+        best_scores: optional ``(M,)`` fp32 tensor that receives the winner's exact fp32 score
+            (as :func:`~.distances.nearest_codes`: ``2 x . c - ||c||^2`` for l2, ``x . c`` for cosine).
     Returns:
         ``(M,)`` long codes.
     """
@@ -89,47 +94,55 @@ def nearest_codes_bf16(
     weight[d, k:] = _PAD_DISTANCE
     weight[d + 1] = 1.0
     weight = weight.to(torch.bfloat16)
-    # exact fp32 scores to maximise, as in nearest_codes: l2 2 x.c - ||c||^2, cosine x.c
-    exact = codebook * 2.0 if distance == "l2" else codebook
-    bias = c_sq.neg()
-    offsets = torch.arange(0, kp, groups, device=x.device)  # (g,) member j of a group at q + j * G
+    # exact fp32 scores to maximise, as in nearest_codes (l2 2 x.c - ||c||^2, cosine x.c),
+    # with the bias riding as an extra column against a constant-1 column of the rows
+    exact = torch.empty(k, d + 1, dtype=torch.float32, device=x.device)
+    if distance == "l2":
+        torch.mul(codebook, 2.0, out=exact[:, :d])
+        torch.neg(c_sq, out=exact[:, d])
+    else:
+        exact[:, :d] = codebook
+        exact[:, d] = 0.0
+    offsets = torch.arange(0, kp, groups, dtype=torch.int32, device=x.device)  # (g,) member j of group q: q + j * G
     group_ids = torch.arange(groups, dtype=torch.int32, device=x.device)
-    member_ids = torch.arange(per_group, dtype=torch.int32, device=x.device)
     # bf16 scores take half the bytes of fp32 ones: twice distances.block_rows rows per block
     rows = min(chunk_size, 2 * block_rows(chunk_size, k), m)
+    # per-block buffers, reused: fresh multi-MiB tensors per call cost page faults on CPU.
+    # xf: contiguous fp32 [x, 1] of the block (x may be a strided view; the bf16 conversion and
+    # the exact re-score both read this cache-resident copy); xa: bf16 [x, 1, ||x||^2]
+    xf = torch.empty(rows, d + 1, dtype=torch.float32, device=x.device)
+    xf[:, d] = 1.0
     xa = torch.empty(rows, d + 2, dtype=torch.bfloat16, device=x.device)
-    xa[:, d] = 1.0
     scores = torch.empty(rows, kp, dtype=torch.bfloat16, device=x.device)
-    x_sq = torch.linalg.vector_norm(x, dim=1).square_()
+    if x_sq is None:
+        x_sq = torch.linalg.vector_norm(x, dim=1).square_()
     codes = torch.empty(m, dtype=torch.long, device=x.device)
-    # per-block buffers, reused: fresh multi-MiB tensors per call cost page faults on CPU
-    picked = torch.empty(rows * cands, d, dtype=torch.float32, device=x.device)
+    picked = torch.empty(rows * cands, d + 1, dtype=torch.float32, device=x.device)
     exact_scores = torch.empty(rows, cands, 1, dtype=torch.float32, device=x.device)
+    mins = torch.empty(rows, cands, dtype=torch.int32, device=x.device)  # packed minima of the picked groups
     for start in range(0, m, rows):
         c = min(rows, m - start)
-        chunk = x[start : start + c]
-        xa[:c, :d] = chunk
+        xf[:c, :d] = x[start : start + c]
+        xa[:c, : d + 1] = xf[:c]
         xa[:c, d + 1] = x_sq[start : start + c]
         keys = torch.mm(xa[:c], weight, out=scores[:c]).view(torch.int16)  # (c, K') ranks like distances
         # group minima with the group id packed in the low bits: one int32 amin gives both
         packed = keys.view(c, per_group, groups).amin(dim=1).to(torch.int32).mul_(groups).add_(group_ids)
-        top = torch.empty(c, cands, dtype=torch.long, device=x.device)  # (c, m) groups picked
-        for i in range(cands):
-            q = packed.amin(dim=1).remainder_(groups).long()
-            top[:, i] = q
+        for i in range(cands):  # the cands smallest packed minima (unique per row), in order
+            least = torch.amin(packed, dim=1, keepdim=True, out=mins[:c, i : i + 1])
             if i + 1 < cands:
-                packed.scatter_(1, q.unsqueeze(1), _INT32_MAX)
-        members = top.unsqueeze(2) + offsets  # (c, m, g) code ids
-        member_keys = keys.gather(1, members.view(c, -1)).view(c, cands, per_group)
-        # bf16 best member of each picked group (lowest member on equal keys)
-        j = member_keys.to(torch.int32).mul_(per_group).add_(member_ids).amin(dim=2).remainder_(per_group)
-        cand = top.add_(j.long() * groups)  # (c, m) candidate codes; every group holds a real code, so < K
+                packed.scatter_(1, least.remainder(groups).long(), _INT32_MAX)
+        members = mins[:c].remainder(groups).unsqueeze(2) + offsets  # (c, m, g) int32 code ids
+        # bf16 best member of each picked group, its code id packed in the low bits (lowest
+        # code on equal keys; int16 keys * K' + code fits int32)
+        member_keys = keys.gather(1, members.view(c, -1).long()).view(c, cands, per_group)
+        cand = member_keys.to(torch.int32).mul_(kp).add_(members).amin(dim=2).remainder_(kp).long()  # (c, m) < K
         flat = cand.view(-1)
-        rows_picked = torch.index_select(exact, 0, flat, out=picked[: c * cands]).view(c, cands, d)
-        s = torch.bmm(rows_picked, chunk.unsqueeze(2), out=exact_scores[:c]).squeeze(2)  # (c, m) exact fp32
-        if distance == "l2":
-            s.add_(bias.index_select(0, flat).view(c, cands))
+        rows_picked = torch.index_select(exact, 0, flat, out=picked[: c * cands]).view(c, cands, d + 1)
+        s = torch.bmm(rows_picked, xf[:c].unsqueeze(2), out=exact_scores[:c]).squeeze(2)  # (c, m) exact fp32
         best = s.amax(dim=1, keepdim=True)
+        if best_scores is not None:
+            best_scores[start : start + c] = best.squeeze(1)
         codes[start : start + c] = torch.where(s == best, cand, k).amin(dim=1)
     if distance == "cosine":
         # all-zero rows score 0 against every code; the fp32 search returns the first code

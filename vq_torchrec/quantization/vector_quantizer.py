@@ -13,6 +13,7 @@ If you load buffers in place without ``load_state_dict`` (e.g. a raw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Union
 
 import torch
@@ -332,18 +333,38 @@ class VectorQuantizer(nn.Module):
     def _train_update(self, rows: Rows, codes: torch.Tensor, group: ProcessGroup, device: torch.device) -> torch.Tensor:
         """EMA/usage update, step count and periodic restart; returns global ``counts (K,)``."""
         k = self.codebook_size
+        sums: torch.Tensor | None = None
         if self.update == "ema":
             counts, sums = rows.sums(codes, k, self.chunk_size)
             buf = all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], dim=1), group)
             counts, sums = buf[:, 0], buf[:, 1:]
+        else:
+            counts = all_reduce_sum_(code_counts(codes, k), group)
+        self.apply_global_stats(counts, sums, lambda: rows, group, device)
+        return counts
+
+    @torch.no_grad()
+    def apply_global_stats(
+        self,
+        counts: torch.Tensor,
+        sums: torch.Tensor | None,
+        rows: Callable[[], Rows],
+        group: ProcessGroup,
+        device: torch.device,
+    ) -> None:
+        """One training step's state update from the batch statistics, already summed over
+        ``group``: ``counts (K,)`` and, for ``update="ema"``, ``sums (K, dim)`` of the rows
+        assigned to each code. Moves the EMA codebook, the dead-code tracker and ``step``, and
+        every ``restart_every`` steps restarts dead codes from ``rows()`` (called only then).
+        Used by :meth:`quantize_fp32` and by the grouped fast path of the VQ collections."""
+        if self.update == "ema":
+            assert sums is not None
             if self._fresh_init:
                 ema_reset_(self.cluster_size, self.embed_sum, counts, sums, self.embed)
             else:
                 ema_update_(self.cluster_size, self.embed_sum, counts, sums, self.decay)
             embed = ema_codebook(self.cluster_size, self.embed_sum, self.eps)
             self.embed.copy_(l2_normalize(embed) if self.distance == "cosine" else embed)
-        else:
-            counts = all_reduce_sum_(code_counts(codes, k), group)
         if self._fresh_init:
             self.usage_ema.copy_(counts)
             self._fresh_init = False
@@ -352,8 +373,7 @@ class VectorQuantizer(nn.Module):
         self.step.add_(1)
         self._step += 1
         if self.restart_every > 0 and self._step % self.restart_every == 0:
-            self._restart_dead(rows, group, device)
-        return counts
+            self._restart_dead(rows(), group, device)
 
     @torch.no_grad()
     def _restart_dead(self, rows: Rows, group: ProcessGroup, device: torch.device) -> None:

@@ -26,6 +26,7 @@ from vq_torchrec.training.checkpoint import CheckpointManager, TrainState
 from vq_torchrec.training.data_pipeline import PreparedData, make_batches, prepare_movielens
 from vq_torchrec.training.dist_env import DistEnv, destroy_dist_env, init_dist_env
 from vq_torchrec.training.loop import evaluate, train_epoch
+from vq_torchrec.training.lr_schedule import LR_SCHEDULES, LRSchedule, LRScheduleKind
 from vq_torchrec.training.model_factory import build_dlrm
 from vq_torchrec.training.plotting import plot_run
 from vq_torchrec.training.results import codebook_stats, write_results
@@ -54,6 +55,12 @@ class TrainConfig:
     lr: float = 1e-3  # dense (Adam)
     sparse_lr: float = 0.05  # embedding tables (Adagrad)
     sparse_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
+    # per-step decay of both learning rates over the whole run (see training/lr_schedule.py)
+    lr_schedule: LRScheduleKind = "constant"
+    lr_min_factor: float = 0.0  # lr at the last step = base lr * lr_min_factor
+    lr_decay_tables: bool = True  # False: only the dense lr decays, tables keep sparse_lr
+    dense_weight_decay: float = 0.0  # L2 weight decay of the dense optimizer (MLPs, codebooks)
+    sparse_weight_decay: float = 0.0  # L2 weight decay of the tables (single process only)
     split: Literal["random", "temporal"] = "random"
     threshold: float = 4.0
     drop_neutral: bool = False
@@ -77,6 +84,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.checkpoint_every_steps < 0:
             raise ValueError(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        for name in ("dense_weight_decay", "sparse_weight_decay"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.lr_min_factor <= 1.0:
+            raise ValueError(f"lr_min_factor must be in [0, 1], got {self.lr_min_factor}")
         if self.vq_output not in ("quantized", "concat"):
             raise ValueError(f"vq_output must be 'quantized' or 'concat', got {self.vq_output!r}")
 
@@ -94,7 +108,7 @@ class TrainConfig:
 _RESUME_MUST_MATCH = (
     "dataset", "seed", "split", "threshold", "drop_neutral", "batch_size", "embedding_dim",
     "codebook_size", "vq", "vq_output", "vq_features", "vq_update", "arch", "dense_arch", "over_arch",
-    "sparse_optimizer", "sharding_type",
+    "sparse_optimizer", "sharding_type", "lr_schedule", "lr_min_factor", "lr_decay_tables",
 )
 
 
@@ -170,14 +184,20 @@ def _run(cfg: TrainConfig, env: DistEnv, data: PreparedData | None) -> dict[str,
         device=env.device, vq_features=cfg.vq_features if cfg.vq else None,
     )
     if env.distributed:
+        if cfg.sparse_weight_decay:
+            raise ValueError(
+                "sparse_weight_decay is supported in a single process only (the fused sharded "
+                "table optimizers take none); set it to 0 under torchrun"
+            )
         model, optimizer = shard_model(
             model, env, sparse_optimizer=cfg.sparse_optimizer, sparse_lr=cfg.sparse_lr,
             dense_lr=cfg.lr, batch_size_per_rank=per_rank_bs,
-            sharding_type=cfg.sharding_type or None,
+            sharding_type=cfg.sharding_type or None, dense_weight_decay=cfg.dense_weight_decay,
         )
     else:
         optimizer = build_plain_optimizer(
-            model, sparse_optimizer=cfg.sparse_optimizer, sparse_lr=cfg.sparse_lr, dense_lr=cfg.lr
+            model, sparse_optimizer=cfg.sparse_optimizer, sparse_lr=cfg.sparse_lr, dense_lr=cfg.lr,
+            sparse_weight_decay=cfg.sparse_weight_decay, dense_weight_decay=cfg.dense_weight_decay,
         )
 
     ckpt = CheckpointManager(out / "checkpoints", env)
@@ -216,7 +236,14 @@ def _run(cfg: TrainConfig, env: DistEnv, data: PreparedData | None) -> dict[str,
             f"{per_rank_bs} per rank"
         )
 
+    schedule = LRSchedule(
+        optimizer, cfg.lr_schedule, cfg.epochs * steps_per_epoch, dense_lr=cfg.lr,
+        sparse_lr=cfg.sparse_lr, min_factor=cfg.lr_min_factor, decay_tables=cfg.lr_decay_tables,
+    )
+    schedule.set_step(state.global_step)
+
     def on_step(s: TrainState) -> None:
+        schedule.set_step(s.global_step)
         if cfg.log_every_steps and s.global_step % cfg.log_every_steps == 0:
             _log(env, f"[train] epoch {s.epoch} step {s.step_in_epoch}/{steps_per_epoch} "
                       f"global_step {s.global_step} loss {s.losses[-1]:.6f}")
@@ -247,6 +274,7 @@ def _run(cfg: TrainConfig, env: DistEnv, data: PreparedData | None) -> dict[str,
             "test_auc": test["auc"], "test_logloss": test["logloss"],
             "val_examples": val["num_examples"], "test_examples": test["num_examples"],
             "codebook": codebook,
+            "lr": schedule.current_lrs(),  # learning rates set for the step after this epoch
         }
         state.history.append(record)
         _log(env, f"[eval] epoch {epoch}: train loss {record['train_loss']:.4f} | val AUC "
