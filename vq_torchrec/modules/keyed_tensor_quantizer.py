@@ -13,7 +13,12 @@ from vq_torchrec.modules.nonfinite import FeatureRows, assert_finite_async, rais
 from vq_torchrec.modules.table_quantizers import TableQuantizers
 from vq_torchrec.modules.vq_tables import output_dim
 from vq_torchrec.quantization.config import VQConfig
-from vq_torchrec.quantization.grouped import GroupedResult, grouped_eligible, quantize_slots
+from vq_torchrec.quantization.grouped import (
+    GroupedResult,
+    grouped_eligible,
+    host_to_device,
+    quantize_slots,
+)
 from vq_torchrec.quantization.output import VQOutput
 from vq_torchrec.quantization.stats import perplexity, usage
 from vq_torchrec.quantization.validation import validate_input
@@ -42,7 +47,7 @@ def nonempty_bags(features: KeyedJaggedTensor, only_if_any_empty: bool = False) 
 @functools.lru_cache(maxsize=64)
 def _index_tensor(index: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Long tensor of ``index`` on ``device``, cached (no host-to-device copy per forward)."""
-    return torch.tensor(index, dtype=torch.long, device=device)
+    return host_to_device(index, torch.long, device)
 
 
 def single_id_bags(features: KeyedJaggedTensor, names: Sequence[str]) -> list[torch.Tensor | None] | None:

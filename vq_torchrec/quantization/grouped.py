@@ -216,12 +216,19 @@ def _layout_tensors(
     ``beta_t / (n_slots(t) * dim)`` (divide by ``B`` for the mean). Cached per layout, so the
     forward makes no host-to-device copies (no sync on accelerators)."""
     slots_of = [sum(1 for t in slot_table if t == i) for i in range(len(betas))]
-    offsets = torch.tensor([starts[t] for t in slot_table], dtype=torch.long, device=device)
-    table_index = torch.tensor(slot_table, dtype=torch.long, device=device)
-    weights = torch.tensor(
-        [betas[t] / (slots_of[t] * dim) for t in slot_table], dtype=torch.float32, device=device
-    )
+    offsets = host_to_device([starts[t] for t in slot_table], torch.long, device)
+    table_index = host_to_device(list(slot_table), torch.long, device)
+    weights = host_to_device([betas[t] / (slots_of[t] * dim) for t in slot_table], torch.float32, device)
     return offsets, table_index, weights
+
+
+def host_to_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor from Python values on ``device``; on CUDA through pinned memory with a
+    non-blocking copy, so the host does not wait for the device."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @torch.no_grad()
