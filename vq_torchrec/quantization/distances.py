@@ -15,8 +15,11 @@ import torch
 CACHE_SCORES = 1 << 20
 
 
-def block_rows(chunk_size: int, codebook_size: int) -> int:
-    """Rows scored per block: ``min(chunk_size, max(64, CACHE_SCORES // K))``."""
+def block_rows(chunk_size: int, codebook_size: int, device: torch.device | None = None) -> int:
+    """Rows scored per block: on CPU ``min(chunk_size, max(64, CACHE_SCORES // K))``; on
+    accelerators (no small cache to fit, and every block is a kernel launch) ``chunk_size``."""
+    if device is not None and device.type != "cpu":
+        return chunk_size
     return min(chunk_size, max(64, CACHE_SCORES // codebook_size))
 
 
@@ -56,7 +59,7 @@ def nearest_codes(
     if m == 0:
         return codes
     k, d = codebook.shape
-    chunk_size = block_rows(chunk_size, k)
+    chunk_size = block_rows(chunk_size, k, x.device)
     rows = min(chunk_size, m)
     scores = torch.empty(rows, k, dtype=torch.float32, device=x.device)
     best = torch.empty(rows, dtype=torch.float32, device=x.device) if best_scores is None else best_scores

@@ -106,7 +106,7 @@ def nearest_codes_bf16(
     offsets = torch.arange(0, kp, groups, dtype=torch.int32, device=x.device)  # (g,) member j of group q: q + j * G
     group_ids = torch.arange(groups, dtype=torch.int32, device=x.device)
     # bf16 scores take half the bytes of fp32 ones: twice distances.block_rows rows per block
-    rows = min(chunk_size, 2 * block_rows(chunk_size, k), m)
+    rows = min(chunk_size, 2 * block_rows(chunk_size, k, x.device), m)
     # per-block buffers, reused: fresh multi-MiB tensors per call cost page faults on CPU.
     # xf: contiguous fp32 [x, 1] of the block (x may be a strided view; the bf16 conversion and
     # the exact re-score both read this cache-resident copy); xa: bf16 [x, 1, ||x||^2]
