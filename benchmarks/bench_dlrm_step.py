@@ -156,15 +156,23 @@ def time_case(case: Case, args: argparse.Namespace, device: torch.device) -> dic
               search_precision=args.search_precision),
         with_vq=True,
     )
+    trainers = [("plain", plain), ("vq", vqt)]
+    if args.per_table:  # the same VQ model with the grouped fast path switched off
+        per_table = build(case, args.rows, True, device, seed=0, unsharded=args.unsharded,
+                          chunk_size=args.chunk_size, search_precision=args.search_precision)
+        for m in per_table.modules():
+            if isinstance(m, VQEmbeddingBagCollection):
+                m.quantize.grouped = False
+        trainers.append(("per_table", Trainer(per_table, with_vq=True)))
     rank = dist.get_rank()
     batches = make_batches(case, args.rows, 4, device, seed=100 + rank)
-    times: dict[str, list[float]] = {"plain": [], "vq": []}
-    cpu: dict[str, list[float]] = {"plain": [], "vq": []}
+    times: dict[str, list[float]] = {name: [] for name, _ in trainers}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in trainers}
     for i in range(args.warmup):
-        plain.step(batches[i % len(batches)])
-        vqt.step(batches[i % len(batches)])
+        for _, trainer in trainers:
+            trainer.step(batches[i % len(batches)])
     for i in range(args.steps):
-        for name, trainer in (("plain", plain), ("vq", vqt)):
+        for name, trainer in trainers:
             batch = batches[i % len(batches)]
             sync(device)
             dist.barrier()
@@ -174,15 +182,17 @@ def time_case(case: Case, args: argparse.Namespace, device: torch.device) -> dic
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     # the slowest rank sets the pace
+    names = [name for name, _ in trainers]
     med = torch.tensor(
-        [statistics.median(v) for v in (times["plain"], times["vq"], cpu["plain"], cpu["vq"])],
+        [statistics.median(times[n]) for n in names] + [statistics.median(cpu[n]) for n in names],
         dtype=torch.float64,
     )
     dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    result = {"plain_s": float(med[0]), "vq_s": float(med[1]), "plain_cpu": float(med[2]), "vq_cpu": float(med[3])}
+    result = {f"{n}_s": float(med[i]) for i, n in enumerate(names)}
+    result.update({f"{n}_cpu": float(med[len(names) + i]) for i, n in enumerate(names)})
     if args.profile:
         result["profile"] = profile_step(vqt, batches[0], device)  # type: ignore[assignment]
-    del plain, vqt
+    del plain, vqt, trainers
     return result
 
 
@@ -252,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
         help="VQConfig.search_precision: exact fp32 nearest-code search or bf16 candidates + fp32 re-score",
     )
     p.add_argument(
+        "--per-table",
+        action="store_true",
+        help="also time the VQ model with the grouped fast path off (one quantizer call per table)",
+    )
+    p.add_argument(
         "--unsharded",
         action="store_true",
         help="no DMP: plain modules, tables trained by dense SGD (for GPUs without fbgemm-gpu)",
@@ -272,8 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         f"VQ chunk_size={args.chunk_size or VQConfig().chunk_size} search_precision={args.search_precision}",
         "",
         "| tables | dim | batch/rank | K | plain ms | VQ ms | VQ / plain | plain ex/s | VQ ex/s "
-        "| plain CPU-s | VQ CPU-s | CPU-time ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| plain CPU-s | VQ CPU-s | CPU-time ratio |" + (" per-table VQ CPU-s | per-table / plain |" if args.per_table else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.per_table else ""),
     ]
     if rank == 0:
         print("\n".join(lines), flush=True)
@@ -285,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['vq_s'] / r['plain_s']:.2f}x | {world * b / r['plain_s']:.0f} | {world * b / r['vq_s']:.0f} | "
             f"{r['plain_cpu']:.2f} | {r['vq_cpu']:.2f} | {r['vq_cpu'] / r['plain_cpu']:.2f}x |"
         )
+        if args.per_table:
+            line += f" {r['per_table_cpu']:.2f} | {r['per_table_cpu'] / r['plain_cpu']:.2f}x |"
         lines.append(line)
         if rank == 0:
             print(line, flush=True)
