@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from vq_torchrec.quantization.scratch import scratch
+
 # Scores per block (fp32): 4 MiB stays in a CPU's L2 cache, where the GEMM + max pass is ~2x
 # faster than on a 32 MiB block (8192 rows x K 1024). Blocks are the smaller of this and
 # ``chunk_size`` rows, so ``chunk_size`` stays the hard memory bound.
@@ -61,13 +63,13 @@ def nearest_codes(
     k, d = codebook.shape
     chunk_size = block_rows(chunk_size, k, x.device)
     rows = min(chunk_size, m)
-    scores = torch.empty(rows, k, dtype=torch.float32, device=x.device)
-    best = torch.empty(rows, dtype=torch.float32, device=x.device) if best_scores is None else best_scores
+    scores = scratch("fp32_scores", (rows, k), torch.float32, x.device)
+    best = scratch("fp32_best", (rows,), torch.float32, x.device) if best_scores is None else best_scores
     if distance == "l2":
         # argmin ||c||^2 - 2 x.c == argmax [x, 1] @ [[2 C^T], [-||c||^2]]: the bias rides in the
         # GEMM, so no (chunk, K) bias copy and no extra pass over the scores
         weight = torch.cat([codebook.t() * 2.0, codebook.pow(2).sum(dim=1).neg_().unsqueeze(0)])
-        xbuf = torch.empty(rows, d + 1, dtype=torch.float32, device=x.device)
+        xbuf = scratch("fp32_xbuf", (rows, d + 1), torch.float32, x.device)
         xbuf[:, d] = 1.0
     else:
         weight = codebook.t()

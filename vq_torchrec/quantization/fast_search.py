@@ -35,6 +35,7 @@ import math
 import torch
 
 from vq_torchrec.quantization.distances import block_rows
+from vq_torchrec.quantization.scratch import scratch
 
 # A padding "code" gets this distance (near bf16's largest finite value, so above any real
 # one; finite, so the GEMM never forms inf * 0).
@@ -107,19 +108,19 @@ def nearest_codes_bf16(
     group_ids = torch.arange(groups, dtype=torch.int32, device=x.device)
     # bf16 scores take half the bytes of fp32 ones: twice distances.block_rows rows per block
     rows = min(chunk_size, 2 * block_rows(chunk_size, k, x.device), m)
-    # per-block buffers, reused: fresh multi-MiB tensors per call cost page faults on CPU.
+    # per-block buffers (reused across calls on CPU: see .scratch).
     # xf: contiguous fp32 [x, 1] of the block (x may be a strided view; the bf16 conversion and
     # the exact re-score both read this cache-resident copy); xa: bf16 [x, 1, ||x||^2]
-    xf = torch.empty(rows, d + 1, dtype=torch.float32, device=x.device)
+    xf = scratch("bf16_xf", (rows, d + 1), torch.float32, x.device)
     xf[:, d] = 1.0
-    xa = torch.empty(rows, d + 2, dtype=torch.bfloat16, device=x.device)
-    scores = torch.empty(rows, kp, dtype=torch.bfloat16, device=x.device)
+    xa = scratch("bf16_xa", (rows, d + 2), torch.bfloat16, x.device)
+    scores = scratch("bf16_scores", (rows, kp), torch.bfloat16, x.device)
     if x_sq is None:
         x_sq = torch.linalg.vector_norm(x, dim=1).square_()
     codes = torch.empty(m, dtype=torch.long, device=x.device)
-    picked = torch.empty(rows * cands, d + 1, dtype=torch.float32, device=x.device)
-    exact_scores = torch.empty(rows, cands, 1, dtype=torch.float32, device=x.device)
-    mins = torch.empty(rows, cands, dtype=torch.int32, device=x.device)  # packed minima of the picked groups
+    picked = scratch("bf16_picked", (rows * cands, d + 1), torch.float32, x.device)
+    exact_scores = scratch("bf16_exact_scores", (rows, cands, 1), torch.float32, x.device)
+    mins = scratch("bf16_mins", (rows, cands), torch.int32, x.device)  # packed minima of the picked groups
     for start in range(0, m, rows):
         c = min(rows, m - start)
         xf[:c, :d] = x[start : start + c]
