@@ -36,6 +36,7 @@ import torch
 from vq_torchrec.quantization.distances import DenseRows, nearest_codes
 from vq_torchrec.quantization.distributed import all_reduce_sum_, resolve_group, world_size
 from vq_torchrec.quantization.fast_search import nearest_codes_bf16
+from vq_torchrec.quantization.scratch import scratch
 from vq_torchrec.quantization.validation import MAX_ABS_INPUT
 from vq_torchrec.quantization.vector_quantizer import VectorQuantizer
 
@@ -141,7 +142,8 @@ def _search(
             if distinct.numel() <= DEDUP_MAX_SHARE * b:
                 rep = torch.empty(distinct.numel(), dtype=torch.long, device=z.device)
                 rep.scatter_(0, inv, torch.arange(b, device=z.device))  # a row of each distinct id
-                x, sq, inverse = x.index_select(0, rep), sq.index_select(0, rep), inv
+                rows = scratch("dedup_rows", (rep.numel(), x.shape[1]), x.dtype, x.device)
+                x, sq, inverse = torch.index_select(x, 0, rep, out=rows), sq.index_select(0, rep), inv
         scores = best[slot] if inverse is None else torch.empty(x.shape[0], device=z.device)
         if q.search_precision == "bf16":
             c = nearest_codes_bf16(x, q.embed, "l2", q.chunk_size, x_sq=sq, best_scores=scores)
