@@ -97,7 +97,7 @@ run() {
                --markdown "$OUT/dlrm_step_gpu.md")
   [ "$FLAVOUR" = "unsharded" ] && bench+=(--unsharded)
   timeout 150 $PY -m torch.distributed.run --standalone --nproc_per_node 1 "${bench[@]}" \
-      --tables 26 --dims 128 --batches 8192 --ks 1024 --profile 2>&1 | tee "$OUT/bench_goal.log" || status=1
+      --tables 26 --dims 128 --batches 8192 --ks 1024 --per-table --profile 2>&1 | tee "$OUT/bench_goal.log" || status=1
   timeout 200 $PY -m torch.distributed.run --standalone --nproc_per_node 1 "${bench[@]}" \
       --tables 8 26 --dims 64 128 --batches 2048 8192 --ks 256 1024 2>&1 | tee "$OUT/bench_grid.log" || status=1
   echo "gpu_check finished with status $status (logs in $OUT)"

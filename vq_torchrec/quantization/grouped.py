@@ -100,8 +100,9 @@ class _CommitStraightThrough(torch.autograd.Function):
 
 def _in_range(z: torch.Tensor, x_sq: torch.Tensor, labels: Sequence[str]) -> bool:
     """CPU: ``True`` when every row is finite with ``||z||^2 <= MAX_ABS_INPUT^2`` (one read of
-    ``(B, S)`` norms); otherwise the caller takes the per-table path, which names the bad
-    table and feature. Accelerators: one asynchronous assert per slot (no host sync)."""
+    ``(B, S)`` norms); on ``False`` nothing has changed yet and the caller raises the
+    per-table path's error naming table and feature (or, for large but valid rows, runs the
+    per-table path). Accelerators: one asynchronous assert per slot (no host sync)."""
     if z.device.type == "cpu":
         return bool(x_sq.amax() <= MAX_ABS_INPUT * MAX_ABS_INPUT)
     peak = torch.linalg.vector_norm(z, ord=float("inf"), dim=(0, 2))  # (S,), NaN propagates
@@ -138,12 +139,7 @@ def _search(
         x, sq, inverse = z[:, slot], x_sq[:, slot], None
         ids = slot_ids[slot] if slot_ids is not None else None
         if ids is not None:
-            distinct, inv = torch.unique(ids, return_inverse=True)
-            if distinct.numel() <= DEDUP_MAX_SHARE * b:
-                rep = torch.empty(distinct.numel(), dtype=torch.long, device=z.device)
-                rep.scatter_(0, inv, torch.arange(b, device=z.device))  # a row of each distinct id
-                rows = scratch("dedup_rows", (rep.numel(), x.shape[1]), x.dtype, x.device)
-                x, sq, inverse = torch.index_select(x, 0, rep, out=rows), sq.index_select(0, rep), inv
+            x, sq, inverse = _distinct_rows(x, sq, ids)
         scores = best[slot] if inverse is None else torch.empty(x.shape[0], device=z.device)
         if q.search_precision == "bf16":
             c = nearest_codes_bf16(x, q.embed, "l2", q.chunk_size, x_sq=sq, best_scores=scores)
@@ -155,6 +151,22 @@ def _search(
         codes[:, slot] = c
     dist = torch.sub(x_sq, best.t()).clamp_min_(0.0)
     return codes, dist
+
+
+def _distinct_rows(
+    x: torch.Tensor, sq: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(rows (U, d), ||rows||^2 (U,), inverse (B,))``: one row per distinct id of ``ids``
+    (``x`` row ``b`` is table row ``ids[b]``), ``x[b] == rows[inverse[b]]``; or ``x``, ``sq``
+    and ``None`` when more than ``DEDUP_MAX_SHARE`` of the ids are distinct."""
+    b = ids.shape[0]
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    if distinct.numel() > DEDUP_MAX_SHARE * b:
+        return x, sq, None
+    rep = torch.empty(distinct.numel(), dtype=torch.long, device=x.device)
+    rep.scatter_(0, inverse, torch.arange(b, device=x.device))  # a row of each distinct id
+    rows = scratch("dedup_rows", (rep.numel(), x.shape[1]), x.dtype, x.device)
+    return torch.index_select(x, 0, rep, out=rows), sq.index_select(0, rep), inverse
 
 
 def quantize_slots(
