@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from dist_utils import run_multiprocess
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 import vq_torchrec.modules.keyed_tensor_quantizer as ktq
@@ -251,3 +252,23 @@ def test_single_id_bags_search_distinct_rows_only(monkeypatch: pytest.MonkeyPatc
     assert_same_state(fast, slow)
     fast_calls = searched[-12:]  # 3 fast steps x 4 slots, after the k-means step
     assert fast_calls and max(fast_calls) <= 5  # at most the 5 distinct ids, not 32 rows
+
+
+def _two_rank_body(rank: int, world_size: int, grouped: bool) -> dict[str, torch.Tensor]:
+    """Replicated VQ collection, each rank its own batches, restarts every 2 steps."""
+    torch.manual_seed(0)
+    model = VQEmbeddingBagCollection.from_ebc(EmbeddingBagCollection(tables=tables()), cfg(restart_every=2))
+    model.quantize.grouped = grouped
+    for step in range(5):
+        torch.manual_seed(100 + step)  # the same draws on every rank (shared_sample broadcasts rank 0's)
+        model(kjt(8, seed=10 * step + rank))
+    return {k: v.clone() for k, v in model.quantize.state_dict().items()}
+
+
+def test_two_ranks_grouped_matches_per_table_and_stays_identical() -> None:
+    fast = run_multiprocess(_two_rank_body, world_size=2, args=(True,))
+    slow = run_multiprocess(_two_rank_body, world_size=2, args=(False,))
+    for key in fast[0]:
+        assert torch.equal(fast[0][key], fast[1][key]), key  # bit-identical across ranks
+        torch.testing.assert_close(fast[0][key], slow[0][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert int(fast[0]["quantizers.t1.step"]) == 5
