@@ -41,6 +41,8 @@ def ema_reset_(
     embed_sum.copy_(torch.where(used.unsqueeze(1), sums, codebook))
 
 
-def ema_codebook(cluster_size: torch.Tensor, embed_sum: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(K, dim)`` codebook ``embed_sum / smoothed cluster_size``."""
-    return embed_sum / laplace_smoothed(cluster_size, eps).unsqueeze(1)
+def ema_codebook(
+    cluster_size: torch.Tensor, embed_sum: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(K, dim)`` codebook ``embed_sum / smoothed cluster_size`` (written into ``out`` if given)."""
+    return torch.div(embed_sum, laplace_smoothed(cluster_size, eps).unsqueeze(1), out=out)

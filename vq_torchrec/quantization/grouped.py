@@ -263,7 +263,9 @@ def _statistics(
         return torch.zeros(n_codes, dtype=torch.float32, device=z.device).index_add_(0, flat, ones)
     group = resolve_group(first.process_group)
     counts = torch.zeros(n_codes, dtype=torch.float32, device=z.device).index_add_(0, flat, ones)
-    sums = torch.zeros(n_codes, d, dtype=torch.float32, device=z.device).index_add_(0, flat, z.reshape(b * s, d))
+    # scratch (reused on CPU): the sums are consumed by the EMA updates below and not kept
+    sums = scratch("ema_sums", (n_codes, d), torch.float32, z.device).zero_()
+    sums.index_add_(0, flat, z.reshape(b * s, d))
     if world_size(group) > 1:  # one collective for every table's statistics
         buf = all_reduce_sum_(torch.cat([counts.unsqueeze(1), sums], dim=1), group)
         counts, sums = buf[:, 0], buf[:, 1:]

@@ -363,8 +363,11 @@ class VectorQuantizer(nn.Module):
                 ema_reset_(self.cluster_size, self.embed_sum, counts, sums, self.embed)
             else:
                 ema_update_(self.cluster_size, self.embed_sum, counts, sums, self.decay)
-            embed = ema_codebook(self.cluster_size, self.embed_sum, self.eps)
-            self.embed.copy_(l2_normalize(embed) if self.distance == "cosine" else embed)
+            if self.distance == "l2" and self.embed.dtype == self.embed_sum.dtype:
+                ema_codebook(self.cluster_size, self.embed_sum, self.eps, out=self.embed)  # no temporary
+            else:
+                embed = ema_codebook(self.cluster_size, self.embed_sum, self.eps)
+                self.embed.copy_(l2_normalize(embed) if self.distance == "cosine" else embed)
         if self._fresh_init:
             self.usage_ema.copy_(counts)
             self._fresh_init = False
