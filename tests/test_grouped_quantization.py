@@ -10,7 +10,7 @@ import torch
 from dist_utils import run_multiprocess
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-import vq_torchrec.modules.keyed_tensor_quantizer as ktq
+import vq_torchrec.modules.grouped_forward as ktq
 from vq_torchrec import VQConfig
 from vq_torchrec.modules import VQEmbeddingBagCollection, vq_loss, vq_stats
 from vq_torchrec.quantization import VectorQuantizer

@@ -2,68 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from vq_torchrec.modules.bags import nonempty_bags
+from vq_torchrec.modules.grouped_forward import grouped_forward
 from vq_torchrec.modules.nonfinite import FeatureRows, assert_finite_async, raise_with_context
 from vq_torchrec.modules.table_quantizers import TableQuantizers
 from vq_torchrec.modules.vq_tables import output_dim
 from vq_torchrec.quantization.config import VQConfig
-from vq_torchrec.quantization.grouped import (
-    GroupedResult,
-    grouped_eligible,
-    host_to_device,
-    quantize_slots,
-)
-from vq_torchrec.quantization.output import VQOutput
-from vq_torchrec.quantization.stats import perplexity, usage
-from vq_torchrec.quantization.validation import validate_input
-
-
-def nonempty_bags(features: KeyedJaggedTensor, only_if_any_empty: bool = False) -> dict[str, torch.Tensor]:
-    """``{feature_name: bool (B,)}``: which bags of each feature hold at least one id.
-
-    Reads ``lengths`` as ``(F, B)``. With ``only_if_any_empty`` (CPU tensors only, where
-    reading a value is not a device sync) features without any empty bag are left out,
-    so callers skip masking them.
-    """
-    keys = features.keys()
-    if not keys:
-        return {}
-    lengths = features.lengths().view(len(keys), -1)
-    nonempty = lengths > 0
-    if only_if_any_empty and lengths.device.type == "cpu":
-        if lengths.numel() == 0:
-            return {}
-        has_empty = (~nonempty).any(dim=1).tolist()
-        return {key: nonempty[i] for i, key in enumerate(keys) if has_empty[i]}
-    return {key: nonempty[i] for i, key in enumerate(keys)}
-
-
-@functools.lru_cache(maxsize=64)
-def _index_tensor(index: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Long tensor of ``index`` on ``device``, cached (no host-to-device copy per forward)."""
-    return host_to_device(index, torch.long, device)
-
-
-def single_id_bags(features: KeyedJaggedTensor, names: Sequence[str]) -> list[torch.Tensor | None] | None:
-    """Per name in ``names``: the ``(B,)`` ids when every bag of that feature holds exactly one
-    id (so the pooled row of bag ``b`` is table row ``ids[b]``), else ``None``. CPU and
-    unweighted features only (reading lengths is free there); ``None`` otherwise."""
-    keys = features.keys()
-    if not keys or features.weights_or_none() is not None or features.lengths().device.type != "cpu":
-        return None
-    lengths = features.lengths().view(len(keys), -1)
-    single = (lengths == 1).all(dim=1).tolist()
-    if not any(single):
-        return None
-    values = features.values().split(features.length_per_key())
-    by_name = {key: values[i] for i, key in enumerate(keys) if single[i]}
-    return [by_name.get(name) for name in names]
 
 
 class KeyedTensorQuantizer(TableQuantizers):
@@ -140,7 +90,7 @@ class KeyedTensorQuantizer(TableQuantizers):
         Returns:
             ``KeyedTensor`` with the plain EBC's keys and order, values ``(B, sum(out_dims))``.
         """
-        fast = self._grouped_forward(pooled, features)
+        fast = grouped_forward(self, pooled, features) if self.grouped else None
         if fast is not None:
             return fast
         by_key = pooled.to_dict()
@@ -172,105 +122,6 @@ class KeyedTensorQuantizer(TableQuantizers):
             length_per_key=self._out_dims,
             values=torch.cat([out[k] for k in self._keys], dim=1),
         )
-
-    def _grouped_forward(
-        self, pooled: KeyedTensor, features: KeyedJaggedTensor | None
-    ) -> KeyedTensor | None:
-        """The fast path (see the class docstring), or ``None`` where it does not apply."""
-        d = self._common_dim
-        if not self.grouped:
-            return None
-        values = pooled.values()
-        keys = pooled.keys()
-        if d is None or values.dtype != torch.float32 or values.dim() != 2 or not self._key_tables:
-            return None
-        if sorted(keys) != sorted(self._keys) or any(n != d for n in pooled.length_per_key()):
-            return None
-        slots = [i for i, k in enumerate(keys) if k in self._key_tables]
-        tables: list[str] = []
-        slot_table: list[int] = []
-        for i in slots:
-            table = self._key_tables[keys[i]]
-            if table not in tables:
-                tables.append(table)
-            slot_table.append(tables.index(table))
-        quantizers = [self.quantizers[t] for t in tables]
-        if not grouped_eligible(quantizers, d):
-            return None
-        b = values.shape[0]
-        zv = values.view(b, len(keys), d)
-        z = zv if len(slots) == len(keys) else zv.index_select(1, _index_tensor(tuple(slots), values.device))
-        feats = [self._key_features[keys[i]] for i in slots]
-        mask = None
-        if features is not None:
-            nonempty = nonempty_bags(features, only_if_any_empty=True)
-            if any(f in nonempty for f in feats):
-                full = torch.ones(b, dtype=torch.bool, device=values.device)
-                mask = torch.stack([nonempty.get(f, full) for f in feats], dim=1)
-        labels = [f"table {tables[t]!r}, feature {f!r}" for t, f in zip(slot_table, feats)]
-        slot_ids = single_id_bags(features, feats) if features is not None else None
-        with torch.autocast(device_type=values.device.type, enabled=False):
-            res = quantize_slots(quantizers, slot_table, z, mask, labels, slot_ids)
-        if res is None:  # CPU: some row is non-finite or large; nothing has changed yet
-            self._raise_if_invalid(tables, slot_table, [keys[i] for i in slots], z, features)
-            return None
-        self._record_grouped(res, tables, slot_table)
-        if self._all_quantized_plain and list(keys) == self._keys:
-            return KeyedTensor(keys=self._keys, length_per_key=self._out_dims, values=res.quantized.view(b, -1))
-        position = {keys[i]: j for j, i in enumerate(slots)}
-        by_key = pooled.to_dict()
-        pieces: list[torch.Tensor] = []
-        for key in self._keys:
-            j = position.get(key)
-            if j is None:
-                pieces.append(by_key[key])
-                continue
-            if self._configs[self._key_tables[key]].output == "concat":
-                pieces.append(by_key[key])
-            pieces.append(res.quantized[:, j])
-        return KeyedTensor(keys=self._keys, length_per_key=self._out_dims, values=torch.cat(pieces, dim=1))
-
-    def _raise_if_invalid(
-        self,
-        tables: list[str],
-        slot_table: list[int],
-        slot_keys: list[str],
-        z: torch.Tensor,
-        features: KeyedJaggedTensor | None,
-    ) -> None:
-        """Raise the per-table path's error (naming table and feature) for the first table
-        whose rows its quantizer rejects, before any quantizer state changes."""
-        for t, table in enumerate(tables):
-            quantizer = self.quantizers[table]
-            parts = [
-                FeatureRows(key, self._key_features[key], z[:, j])
-                for j, (key, owner) in enumerate(zip(slot_keys, slot_table))
-                if owner == t
-            ]
-            try:
-                for part in parts:
-                    validate_input(part.rows, quantizer.dim)
-            except ValueError as err:
-                raise_with_context(table, parts, err, features)
-
-    def _record_grouped(self, res: GroupedResult, tables: list[str], slot_table: list[int]) -> None:
-        """Per-table :class:`VQOutput` of a fast-path forward (slots of a table concatenated)."""
-        for t, table in enumerate(tables):
-            mine = [j for j, owner in enumerate(slot_table) if owner == t]
-            if len(mine) == 1:
-                quantized, codes = res.quantized[:, mine[0]], res.codes[:, mine[0]]
-            else:
-                quantized = torch.cat([res.quantized[:, j] for j in mine])
-                codes = torch.cat([res.codes[:, j] for j in mine])
-            q = self.quantizers[table]
-            self._last_outputs[table] = VQOutput(
-                quantized=quantized,
-                codes=codes,
-                loss=res.losses[t],
-                perplexity=perplexity(res.counts[t]),
-                usage=usage(res.counts[t]),
-                dead_codes=q.dead_code_count(),
-            )
 
     @torch.no_grad()
     def encode(
