@@ -88,6 +88,7 @@ def grouped_forward(
         pieces.append(res.quantized[:, j])
     return KeyedTensor(keys=leaf._keys, length_per_key=leaf._out_dims, values=torch.cat(pieces, dim=1))
 
+
 def _raise_if_invalid(
     leaf: KeyedTensorQuantizer,
     tables: list[str],
@@ -110,6 +111,7 @@ def _raise_if_invalid(
                 validate_input(part.rows, quantizer.dim)
         except ValueError as err:
             raise_with_context(table, parts, err, features)
+
 
 def _record_grouped(leaf: KeyedTensorQuantizer, res: GroupedResult, tables: list[str], slot_table: list[int]) -> None:
     """Per-table :class:`VQOutput` of a fast-path forward (slots of a table concatenated)."""
