@@ -10,7 +10,7 @@ optimizer state may hold an already-decayed lr) continues on exactly the same cu
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
@@ -78,7 +78,7 @@ class LRSchedule:
         self.total_steps = total_steps
         self.min_factor = min_factor
         self.decay_tables = decay_tables
-        self._groups: list[tuple[dict, float, bool]] = []  # (param group, base lr, is sparse)
+        self._groups: list[tuple[dict[str, Any], float, bool]] = []  # (param group, base lr, is sparse)
         for leaf in _leaf_optimizers(optimizer):
             names = list(leaf.params)
             sparse = bool(names) and all(is_embedding_param(n) for n in names)
