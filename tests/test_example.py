@@ -92,3 +92,22 @@ def test_resume_refuses_other_options(tmp_path: Path) -> None:
     cfg.seed = 7  # another split and data order: must not silently continue
     with pytest.raises(ValueError, match="different options.*'seed': \\(0, 7\\)"):
         run_training(cfg)
+
+
+def test_example_passes_regularisation_flags_to_the_config() -> None:
+    import importlib.util
+
+    from test_example_data import EXAMPLE
+
+    spec = importlib.util.spec_from_file_location("dlrm_movielens_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cfg = example.parse_args(
+        ["--sparse-weight-decay", "3e-5", "--dense-weight-decay", "1e-6", "--lr-schedule", "cosine", "--lr-min-factor", "0.1"]
+    )
+    assert (cfg.sparse_weight_decay, cfg.dense_weight_decay) == (3e-5, 1e-6)
+    assert (cfg.lr_schedule, cfg.lr_min_factor) == ("cosine", 0.1)
+    cfg.validate()
+    with pytest.raises(ValueError, match="sparse_weight_decay must be >= 0"):
+        example.parse_args(["--sparse-weight-decay", "-1"]).validate()
