@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from dist_utils import run_multiprocess
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 import vq_torchrec.modules.grouped_forward as ktq
 from vq_torchrec import VQConfig
@@ -272,3 +272,28 @@ def test_two_ranks_grouped_matches_per_table_and_stays_identical() -> None:
         assert torch.equal(fast[0][key], fast[1][key]), key  # bit-identical across ranks
         torch.testing.assert_close(fast[0][key], slow[0][key], rtol=1e-5, atol=1e-6, msg=key)
     assert int(fast[0]["quantizers.t1.step"]) == 5
+
+
+def test_reordered_keys_as_from_a_sharded_ebc() -> None:
+    """A sharded EBC may order its keys differently: same output (in the plain EBC's order)
+    and the same gradient to the pooled values."""
+    fast, _ = pair(cfg())
+    batch = kjt(8, seed=0)
+    fast(batch)  # k-means batch
+    fast.eval()
+    pooled = fast.ebc(batch)
+    keys, parts = pooled.keys(), pooled.to_dict()
+    order = [2, 0, 3, 1]
+    values = torch.cat([parts[keys[i]] for i in order], dim=1).detach().requires_grad_()
+    shuffled = KeyedTensor(keys=[keys[i] for i in order], length_per_key=[DIM] * 4, values=values)
+    straight = pooled.values().detach().requires_grad_()
+    in_order = KeyedTensor(keys=keys, length_per_key=[DIM] * 4, values=straight)
+    a, b = fast.quantize(shuffled, batch), fast.quantize(in_order, batch)
+    assert a.keys() == b.keys() == keys
+    torch.testing.assert_close(a.values(), b.values(), rtol=0, atol=0)
+    w = torch.randn_like(a.values())
+    (a.values() * w).sum().backward()
+    (b.values() * w).sum().backward()
+    assert values.grad is not None and straight.grad is not None
+    expected = torch.cat([straight.grad.split(DIM, dim=1)[i] for i in order], dim=1)
+    torch.testing.assert_close(values.grad, expected)

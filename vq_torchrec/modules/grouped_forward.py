@@ -72,20 +72,29 @@ def grouped_forward(
     if res is None:  # CPU: some row is non-finite or large; nothing has changed yet
         _raise_if_invalid(leaf, tables, slot_table, [keys[i] for i in slots], z, features)
         return None
-    _record_grouped(leaf, res, tables, slot_table)
-    if leaf._all_quantized_plain and list(keys) == leaf._keys:
-        return KeyedTensor(keys=leaf._keys, length_per_key=leaf._out_dims, values=res.quantized.view(b, -1))
-    position = {keys[i]: j for j, i in enumerate(slots)}
+    # per-slot views through one ``unbind`` (its backward is one ``stack``; indexing each slot
+    # separately would give every slot's backward a zero-filled (B, S, d) gradient to add up)
+    slot_views = res.quantized.unbind(1)
+    _record_grouped(leaf, res, slot_views, tables, slot_table)
+    if leaf._all_quantized_plain:
+        if list(keys) == leaf._keys:  # the output is the gathered code vectors: no copy
+            return KeyedTensor(keys=leaf._keys, length_per_key=leaf._out_dims, values=res.quantized.view(b, -1))
+        # a sharded EBC orders its keys its own way: one reordering gather (one backward node)
+        order = _index_tensor(tuple(keys.index(k) for k in leaf._keys), values.device)
+        return KeyedTensor(
+            keys=leaf._keys, length_per_key=leaf._out_dims, values=res.quantized.index_select(1, order).view(b, -1)
+        )
+    quantized = dict(zip([keys[i] for i in slots], slot_views))
     by_key = pooled.to_dict()
     pieces: list[torch.Tensor] = []
     for key in leaf._keys:
-        j = position.get(key)
-        if j is None:
+        q = quantized.get(key)
+        if q is None:
             pieces.append(by_key[key])
             continue
         if leaf._configs[leaf._key_tables[key]].output == "concat":
             pieces.append(by_key[key])
-        pieces.append(res.quantized[:, j])
+        pieces.append(q)
     return KeyedTensor(keys=leaf._keys, length_per_key=leaf._out_dims, values=torch.cat(pieces, dim=1))
 
 
@@ -113,14 +122,20 @@ def _raise_if_invalid(
             raise_with_context(table, parts, err, features)
 
 
-def _record_grouped(leaf: KeyedTensorQuantizer, res: GroupedResult, tables: list[str], slot_table: list[int]) -> None:
+def _record_grouped(
+    leaf: KeyedTensorQuantizer,
+    res: GroupedResult,
+    slot_views: tuple[torch.Tensor, ...],
+    tables: list[str],
+    slot_table: list[int],
+) -> None:
     """Per-table :class:`VQOutput` of a fast-path forward (slots of a table concatenated)."""
     for t, table in enumerate(tables):
         mine = [j for j, owner in enumerate(slot_table) if owner == t]
         if len(mine) == 1:
-            quantized, codes = res.quantized[:, mine[0]], res.codes[:, mine[0]]
+            quantized, codes = slot_views[mine[0]], res.codes[:, mine[0]]
         else:
-            quantized = torch.cat([res.quantized[:, j] for j in mine])
+            quantized = torch.cat([slot_views[j] for j in mine])
             codes = torch.cat([res.codes[:, j] for j in mine])
         q = leaf.quantizers[table]
         leaf._last_outputs[table] = VQOutput(
