@@ -5,7 +5,10 @@ that size come from newly mapped pages, and touching them costs page faults: mea
 2-3 ms per call of :func:`~.fast_search.nearest_codes_bf16` at 2048-row blocks, K 1024, on
 the project's CPU (a third of the call). So on CPU each named buffer is kept per thread and
 reused; on accelerators the caching allocator already reuses memory and this returns a fresh
-tensor. Contents are undefined: callers write before they read.
+tensor. Contents are undefined: callers write before they read. A thread keeps each buffer at
+the largest size it asked for: a few MiB of search blocks (bounded by the cache-sized block
+rows of :func:`~.distances.block_rows`), the distinct rows of one key, and the grouped EMA sums
+(``sum(K) x dim`` floats).
 """
 
 from __future__ import annotations
