@@ -93,3 +93,26 @@ def test_dmp_nccl_row_wise_with_fused_adam_trains() -> None:
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def test_grouped_path_matches_per_table_path_on_cuda() -> None:
+    """The grouped fast path (taken after the k-means batch) gives the per-table path's codes,
+    outputs and codebooks on CUDA too."""
+    import copy
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    fast = VQEmbeddingBagCollection(tables(), VQConfig(codebook_size=32), device=device, validate_inputs=False)
+    slow = copy.deepcopy(fast)
+    slow.quantize.grouped = False
+    for step in range(3):
+        _, kjt, _ = batch(128, step, device)
+        outs = []
+        for model in (fast, slow):
+            torch.manual_seed(step)
+            out = model(kjt)
+            (out.values().sum() + vq_loss(model)).backward()
+            outs.append(out.values())
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for key, value in fast.quantize.state_dict().items():
+        torch.testing.assert_close(value, slow.quantize.state_dict()[key], rtol=1e-5, atol=1e-6, msg=key)
