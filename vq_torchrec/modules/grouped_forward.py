@@ -4,7 +4,6 @@ all quantized keys of a pooled ``KeyedTensor`` through
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,8 +13,8 @@ from vq_torchrec.modules.bags import nonempty_bags, single_id_bags
 from vq_torchrec.modules.nonfinite import FeatureRows, raise_with_context
 from vq_torchrec.quantization.grouped import (
     GroupedResult,
+    device_index,
     grouped_eligible,
-    host_to_device,
     quantize_slots,
 )
 from vq_torchrec.quantization.output import VQOutput
@@ -24,12 +23,6 @@ from vq_torchrec.quantization.validation import validate_input
 
 if TYPE_CHECKING:
     from vq_torchrec.modules.keyed_tensor_quantizer import KeyedTensorQuantizer
-
-
-@functools.lru_cache(maxsize=64)
-def _index_tensor(index: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Long tensor of ``index`` on ``device``, cached (no host-to-device copy per forward)."""
-    return host_to_device(index, torch.long, device)
 
 
 def grouped_forward(
@@ -57,7 +50,7 @@ def grouped_forward(
         return None
     b = values.shape[0]
     zv = values.view(b, len(keys), d)
-    z = zv if len(slots) == len(keys) else zv.index_select(1, _index_tensor(tuple(slots), values.device))
+    z = zv if len(slots) == len(keys) else zv.index_select(1, device_index(tuple(slots), values.device))
     feats = [leaf._key_features[keys[i]] for i in slots]
     mask = None
     if features is not None:
@@ -80,7 +73,7 @@ def grouped_forward(
         if list(keys) == leaf._keys:  # the output is the gathered code vectors: no copy
             return KeyedTensor(keys=leaf._keys, length_per_key=leaf._out_dims, values=res.quantized.view(b, -1))
         # a sharded EBC orders its keys its own way: one reordering gather (one backward node)
-        order = _index_tensor(tuple(keys.index(k) for k in leaf._keys), values.device)
+        order = device_index(tuple(keys.index(k) for k in leaf._keys), values.device)
         return KeyedTensor(
             keys=leaf._keys, length_per_key=leaf._out_dims, values=res.quantized.index_select(1, order).view(b, -1)
         )

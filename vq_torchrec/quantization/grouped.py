@@ -236,6 +236,12 @@ def _layout_tensors(
     return offsets, table_index, weights
 
 
+@functools.lru_cache(maxsize=64)
+def device_index(index: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Long tensor of ``index`` on ``device``, cached (no host-to-device copy per forward)."""
+    return host_to_device(index, torch.long, device)
+
+
 def host_to_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor from Python values on ``device``; on CUDA through pinned memory with a
     non-blocking copy, so the host does not wait for the device."""
@@ -258,11 +264,11 @@ def _statistics(
     n_codes = starts[-1]
     b, s, d = z.shape
     ones = torch.ones(b * s, dtype=torch.float32, device=z.device)
+    counts = torch.zeros(n_codes, dtype=torch.float32, device=z.device).index_add_(0, flat, ones)
     first = quantizers[0]
     if not first.training:
-        return torch.zeros(n_codes, dtype=torch.float32, device=z.device).index_add_(0, flat, ones)
+        return counts
     group = resolve_group(first.process_group)
-    counts = torch.zeros(n_codes, dtype=torch.float32, device=z.device).index_add_(0, flat, ones)
     # scratch (reused on CPU): the sums are consumed by the EMA updates below and not kept
     sums = scratch("ema_sums", (n_codes, d), torch.float32, z.device).zero_()
     sums.index_add_(0, flat, z.reshape(b * s, d))
