@@ -27,6 +27,7 @@ time and as process CPU time (all threads; steadier than wall time on a shared m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -48,6 +49,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from vq_torchrec import VQConfig
 from vq_torchrec.distributed import shard_model
 from vq_torchrec.modules import VQEmbeddingBagCollection, vq_loss
+from vq_torchrec.quantization import native
 
 DENSE_IN = 13
 DENSE_ARCH = [512, 256]  # + [dim]   (MLPerf DLRM)
@@ -119,9 +121,11 @@ def make_batches(case: Case, rows: int, n: int, device: torch.device, seed: int)
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, with_vq: bool) -> None:
+    def __init__(self, model: nn.Module, with_vq: bool, torch_search: bool = False) -> None:
         self.model = model
         self.with_vq = with_vq
+        # search with the pure-torch code instead of the C++ certified kernel
+        self.torch_search = torch_search
         self.opt: torch.optim.Optimizer
         if isinstance(model, DistributedModelParallel):
             dense = KeyedOptimizerWrapper(
@@ -134,6 +138,10 @@ class Trainer:
         self.loss_fn = nn.BCEWithLogitsLoss()
 
     def step(self, batch: tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]) -> None:
+        with native.disabled() if self.torch_search else contextlib.nullcontext():
+            self._step(batch)
+
+    def _step(self, batch: tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]) -> None:
         dense, kjt, label = batch
         self.opt.zero_grad()
         logits = self.model(dense, kjt).squeeze(1)
@@ -164,6 +172,10 @@ def time_case(case: Case, args: argparse.Namespace, device: torch.device) -> dic
             if isinstance(m, VQEmbeddingBagCollection):
                 m.quantize.grouped = False
         trainers.append(("per_table", Trainer(per_table, with_vq=True)))
+    if args.torch_search:  # the same VQ model searching with torch ops instead of the C++ kernel
+        twin = build(case, args.rows, True, device, seed=0, unsharded=args.unsharded,
+                     chunk_size=args.chunk_size, search_precision=args.search_precision)
+        trainers.append(("torch_search", Trainer(twin, with_vq=True, torch_search=True)))
     rank = dist.get_rank()
     batches = make_batches(case, args.rows, 4, device, seed=100 + rank)
     times: dict[str, list[float]] = {name: [] for name, _ in trainers}
@@ -267,6 +279,11 @@ def main(argv: list[str] | None = None) -> None:
         help="also time the VQ model with the grouped fast path off (one quantizer call per table)",
     )
     p.add_argument(
+        "--torch-search",
+        action="store_true",
+        help="also time the VQ model searching with torch ops instead of the C++ certified kernel",
+    )
+    p.add_argument(
         "--unsharded",
         action="store_true",
         help="no DMP: plain modules, tables trained by dense SGD (for GPUs without fbgemm-gpu)",
@@ -284,11 +301,16 @@ def main(argv: list[str] | None = None) -> None:
         f"device={device.type} world_size={world} threads/rank={torch.get_num_threads()} "
         f"rows/table={args.rows} steps={args.steps} (median) warmup={args.warmup} "
         f"{'unsharded, dense SGD' if args.unsharded else 'DMP table-wise, fused row-wise Adagrad'} "
-        f"VQ chunk_size={args.chunk_size or VQConfig().chunk_size} search_precision={args.search_precision}",
+        f"VQ chunk_size={args.chunk_size or VQConfig().chunk_size} search_precision={args.search_precision} "
+        f"C++ certified search={'on' if native.available() else 'off'}",
         "",
         "| tables | dim | batch/rank | K | plain ms | VQ ms | VQ / plain | plain ex/s | VQ ex/s "
-        "| plain CPU-s | VQ CPU-s | CPU-time ratio |" + (" per-table VQ CPU-s | per-table / plain |" if args.per_table else ""),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.per_table else ""),
+        "| plain CPU-s | VQ CPU-s | CPU-time ratio |"
+        + (" per-table VQ CPU-s | per-table / plain |" if args.per_table else "")
+        + (" torch-search VQ CPU-s | torch-search / plain |" if args.torch_search else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|---:|" if args.per_table else "")
+        + ("---:|---:|" if args.torch_search else ""),
     ]
     if rank == 0:
         print("\n".join(lines), flush=True)
@@ -302,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.per_table:
             line += f" {r['per_table_cpu']:.2f} | {r['per_table_cpu'] / r['plain_cpu']:.2f}x |"
+        if args.torch_search:
+            line += f" {r['torch_search_cpu']:.2f} | {r['torch_search_cpu'] / r['plain_cpu']:.2f}x |"
         lines.append(line)
         if rank == 0:
             print(line, flush=True)

@@ -16,3 +16,12 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_search() -> None:
+    """Build (first run on a machine, ~20 s) and load the C++ search once, in the parent, so that
+    the forked ranks of the multi-process tests inherit it instead of each loading it."""
+    from vq_torchrec.quantization import native
+
+    native.available()

@@ -1,15 +1,28 @@
-"""search_precision="bf16": bf16 candidates + exact fp32 choice must match the exact search."""
+"""search_precision="bf16": bf16 candidates + exact fp32 choice must match the exact search.
+
+These test the pure-torch algorithm (what CUDA, and a CPU without the C++ kernel, run): on CPU
+the C++ certified search replaces it (tests/test_certified_search.py), so it is switched off here.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from vq_torchrec import VQConfig
+from vq_torchrec.quantization import native
 from vq_torchrec.quantization.distances import l2_normalize, nearest_codes
 from vq_torchrec.quantization.factory import build_quantizer
 from vq_torchrec.quantization.fast_search import group_layout, nearest_codes_bf16
 from vq_torchrec.quantization.vector_quantizer import VectorQuantizer
+
+
+@pytest.fixture(autouse=True)
+def _torch_search() -> Iterator[None]:
+    with native.disabled():
+        yield
 
 
 def _data(distance: str, n: int, k: int, d: int, seed: int, from_data: bool) -> tuple[torch.Tensor, torch.Tensor]:

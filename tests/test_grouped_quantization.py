@@ -3,6 +3,7 @@ what the per-table path gives: outputs, codes, losses, codebook state and gradie
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -13,7 +14,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 import vq_torchrec.modules.grouped_forward as ktq
 from vq_torchrec import VQConfig
 from vq_torchrec.modules import VQEmbeddingBagCollection, vq_loss, vq_stats
-from vq_torchrec.quantization import VectorQuantizer
+from vq_torchrec.quantization import VectorQuantizer, native
 from vq_torchrec.quantization.grouped import grouped_eligible, quantize_slots
 
 DIM = 8
@@ -169,8 +170,15 @@ def test_nan_on_the_fast_path_names_table_and_feature() -> None:
         assert torch.equal(value, before[key]), key  # the failed step changed nothing
 
 
-def test_commitment_gradient_of_quantize_slots() -> None:
-    """d loss / d z of the grouped node equals autograd through the explicit formula."""
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
+def test_commitment_gradient_of_quantize_slots(kernels: str) -> None:
+    """d loss / d z of the grouped node equals autograd through the explicit formula, with the
+    C++ one-pass backward and with the torch one."""
+    with native.disabled() if kernels == "torch" else contextlib.nullcontext():
+        _check_commitment_gradient()
+
+
+def _check_commitment_gradient() -> None:
     torch.manual_seed(0)
     qs = [VectorQuantizer(4, 5, kmeans_iters=2, restart_every=0) for _ in range(2)]
     z0 = torch.randn(6, 3, 4)

@@ -33,7 +33,9 @@ class VQConfig:
         search_precision: ``"fp32"`` (exact nearest-code search) or ``"bf16"`` (opt-in,
             ``mode="vector"`` only: a bf16 GEMM picks a few candidates per row, which are
             re-scored exactly in fp32; see :mod:`vq_torchrec.quantization.fast_search`).
-            Statistics, losses and k-means init stay fp32 either way.
+            On CPU with the C++ kernel (:mod:`vq_torchrec.quantization.native`) both run the
+            certified search, which is exact and faster than either. Statistics, losses and
+            k-means init stay fp32 either way.
         num_levels: ``> 1`` builds a ``ResidualVectorQuantizer`` with that many levels.
 
     Collection option:

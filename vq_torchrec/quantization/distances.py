@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from vq_torchrec.quantization import native
 from vq_torchrec.quantization.scratch import scratch
 
 # Scores per block (fp32): 4 MiB stays in a CPU's L2 cache, where the GEMM + max pass is ~2x
@@ -34,6 +35,18 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return torch.where(keep, x / torch.where(keep, norm, torch.ones_like(norm)), torch.zeros_like(x))
 
 
+def use_certified_search(x: torch.Tensor, codebook: torch.Tensor) -> bool:
+    """Whether the CPU search runs the C++ certified kernel (:func:`.native.certified_search`:
+    exact, bf16 candidates with a proven error bound, fp32 re-score) instead of the torch GEMM."""
+    return (
+        x.device.type == "cpu"
+        and codebook.device.type == "cpu"
+        and x.dtype == torch.float32
+        and codebook.dtype == torch.float32
+        and native.available()
+    )
+
+
 @torch.no_grad()
 def nearest_codes(
     x: torch.Tensor,
@@ -43,6 +56,11 @@ def nearest_codes(
     best_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Index of the nearest code for every row (the first one on ties).
+
+    On CPU, when the C++ kernel is built (:mod:`.native`), the certified search runs instead of
+    the fp32 GEMM below: same codes, except that near-ties within fp32 rounding of the score
+    may resolve differently (its fp32 scores are computed on mean-shifted vectors, so they are
+    the more accurate ones); ``VQ_TORCHREC_NATIVE=0`` switches it off.
 
     Args:
         x: ``(M, dim)`` fp32 rows (unit rows for ``distance="cosine"``).
@@ -57,6 +75,11 @@ def nearest_codes(
         ``(M,)`` long codes.
     """
     m = x.shape[0]
+    if m and use_certified_search(x, codebook):
+        codes, best, _ = native.certified_search(x, codebook, distance, chunk_size)
+        if best_scores is not None:
+            best_scores.copy_(best)
+        return codes
     codes = torch.empty(m, dtype=torch.long, device=x.device)
     if m == 0:
         return codes

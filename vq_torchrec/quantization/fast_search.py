@@ -1,5 +1,7 @@
 """Nearest-code search with a bf16 candidate pass and an exact fp32 re-score
-(``search_precision="bf16"``).
+(``search_precision="bf16"``), in torch ops: what runs on accelerators, and on a CPU where the
+C++ certified search (:mod:`.native`) is not built. Where it is, that search replaces this one
+(it is exact, with a proven candidate bound, and faster).
 
 1. One bf16 GEMM per row block scores every code with the squared L2 distance
    ``||x||^2 + ||c||^2 - 2 x . c`` (the two norms ride in the GEMM as extra columns, so there is
@@ -34,7 +36,7 @@ import math
 
 import torch
 
-from vq_torchrec.quantization.distances import block_rows
+from vq_torchrec.quantization.distances import block_rows, nearest_codes, use_certified_search
 from vq_torchrec.quantization.scratch import scratch
 
 # A padding "code" gets this distance (near bf16's largest finite value, so above any real
@@ -83,6 +85,9 @@ def nearest_codes_bf16(
     m = x.shape[0]
     if m == 0:
         return torch.empty(0, dtype=torch.long, device=x.device)
+    if use_certified_search(x, codebook):
+        # on CPU the C++ search is exact and faster than this one: nothing left to trade
+        return nearest_codes(x, codebook, distance, chunk_size, best_scores=best_scores)
     k, d = codebook.shape
     groups, per_group = group_layout(k)
     kp = groups * per_group

@@ -14,7 +14,8 @@ values:
 * one ``index_select`` from the stacked codebooks that *is* the output ``(B, S, d)`` (no
   concatenation), one ``index_add_`` for all EMA counts and sums, one all-reduce;
 * one autograd node for straight-through + commitment gradient:
-  ``dz = dq + 2 * dsse_s * (z - q)``, one fused pass in the backward.
+  ``dz = dq + 2 * dsse_s * (z - q)``, one fused pass in the backward (on CPU the C++
+  ``commit_grad`` kernel of :mod:`.native`, else a subtraction and an ``addcmul``).
 
 Applies when every quantizer is a plain :class:`VectorQuantizer` with ``mode="vector"``,
 ``distance="l2"``, ``update="ema"``, straight-through gradients, the same ``dim``, the same
@@ -33,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from vq_torchrec.quantization import native
 from vq_torchrec.quantization.distances import DenseRows, nearest_codes
 from vq_torchrec.quantization.distributed import all_reduce_sum_, resolve_group, world_size
 from vq_torchrec.quantization.fast_search import nearest_codes_bf16
@@ -91,6 +93,8 @@ class _CommitStraightThrough(torch.autograd.Function):
         z, q = ctx.saved_tensors
         if grad_sse is None:
             return (grad_q if grad_q is not None else torch.zeros_like(z)), None, None
+        if grad_q is not None and z.device.type == "cpu" and z.dtype == torch.float32 and native.available():
+            return native.commit_grad(grad_q, z, q, 2.0 * grad_sse), None, None
         diff = torch.sub(z, q)
         coef = (2.0 * grad_sse).view(1, -1, 1)
         if grad_q is None:

@@ -77,7 +77,9 @@ class VectorQuantizer(nn.Module):
             picks among them (:func:`~vq_torchrec.quantization.fast_search.nearest_codes_bf16`;
             it agrees with the fp32 search on about 99.9+ % of rows and otherwise picks a code
             within bf16 rounding of the optimum). Used by ``forward`` and ``encode``; k-means
-            init, statistics and losses stay fp32.
+            init, statistics and losses stay fp32. On CPU with the C++ kernel
+            (:mod:`vq_torchrec.quantization.native`) both settings run its certified search:
+            exact, and faster than either torch search.
         process_group: group to keep the codebook identical over (default: WORLD when
             ``torch.distributed`` is initialised, else none).
 
