@@ -101,7 +101,7 @@ def test_too_many_candidates_fall_back_to_a_full_rescore() -> None:
     u = l2_normalize(torch.randn(50, 16, generator=g))
     book = torch.cat([u, -u])
     x = 1e-9 * torch.randn(50, 16, generator=g)
-    codes, _, stats = torch.ops.vq_torchrec.certified_search(x, book, True, 16, 8)
+    codes, _, stats = torch.ops.vq_torchrec.certified_search(x, book, None, True, 16, 8)
     assert stats[1].item() == 50
     _assert_optimal(x, book, codes, "l2")
 
@@ -173,8 +173,30 @@ def test_best_scores_out_parameter() -> None:
 def test_bad_arguments_name_the_problem() -> None:
     x, book = _data("gauss", 10, 4, 8, seed=10)
     with pytest.raises(RuntimeError, match="widths differ"):
-        torch.ops.vq_torchrec.certified_search(x, book[:, :4], True, 16, 8)
+        torch.ops.vq_torchrec.certified_search(x, book[:, :4], None, True, 16, 8)
     with pytest.raises(RuntimeError, match="fp32"):
-        torch.ops.vq_torchrec.certified_search(x.double(), book, True, 16, 8)
+        torch.ops.vq_torchrec.certified_search(x.double(), book, None, True, 16, 8)
     with pytest.raises(RuntimeError, match="empty codebook"):
-        torch.ops.vq_torchrec.certified_search(x, book[:0], True, 16, 8)
+        torch.ops.vq_torchrec.certified_search(x, book[:0], None, True, 16, 8)
+
+
+def test_rows_are_searched_in_place() -> None:
+    # rows= searches x[rows] without a gathered copy: the same codes and scores as on the copy,
+    # repeated rows included, from a strided (B, S, d) slot
+    g = torch.Generator().manual_seed(11)
+    pooled = torch.randn(500, 4, 32, generator=g)
+    x = pooled[:, 2]
+    book = torch.randn(100, 32, generator=g)
+    rows = torch.randint(0, 500, (300,), generator=g)
+    codes, best, _ = native.certified_search(x, book, "l2", 64, rows=rows)
+    ref_codes, ref_best, _ = native.certified_search(x.index_select(0, rows), book, "l2", 64)
+    assert torch.equal(codes, ref_codes) and torch.equal(best, ref_best)
+    with native.disabled():  # the torch path gathers
+        assert torch.equal(nearest_codes(x, book, "l2", 64, rows=rows), nearest_codes(x[rows], book, "l2", 64))
+    assert native.certified_search(x, book, "l2", 64, rows=rows[:0])[0].shape == (0,)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        native.certified_search(x, book, "l2", 64, rows=torch.tensor([0, 500]))
+    with pytest.raises(RuntimeError, match="index out of range"):
+        native.certified_search(x, book, "l2", 64, rows=torch.tensor([-1]))
+    with pytest.raises(RuntimeError, match="int64"):
+        native.certified_search(x, book, "l2", 64, rows=torch.tensor([0, 1], dtype=torch.int32))

@@ -232,14 +232,20 @@ def test_single_id_bags_search_distinct_rows_only(monkeypatch: pytest.MonkeyPatc
     import vq_torchrec.quantization.grouped as grouped
 
     searched: list[int] = []
-    name = "nearest_codes_bf16" if precision == "bf16" else "nearest_codes"
-    real = getattr(grouped, name)
 
-    def spy(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        searched.append(x.shape[0])
-        return real(x, *args, **kwargs)  # type: ignore[arg-type]
+    def spy_on(name: str) -> None:
+        real = getattr(grouped, name)
 
-    monkeypatch.setattr(grouped, name, spy)
+        def spy(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            rows = kwargs.get("rows")
+            searched.append(x.shape[0] if rows is None else rows.numel())  # type: ignore[union-attr]
+            return real(x, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(grouped, name, spy)
+
+    # bf16 runs the C++ search through nearest_codes where it is built
+    spy_on("nearest_codes")
+    spy_on("nearest_codes_bf16")
     fast, slow = pair(cfg(search_precision=precision))
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (fast, slow)]
     for step in range(4):

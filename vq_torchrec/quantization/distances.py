@@ -54,6 +54,7 @@ def nearest_codes(
     distance: str,
     chunk_size: int,
     best_scores: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Index of the nearest code for every row (the first one on ties).
 
@@ -71,15 +72,19 @@ def nearest_codes(
         best_scores: optional ``(M,)`` fp32 tensor that receives each row's winning score:
             ``2 x . c - ||c||^2`` for l2 (so ``||x - c||^2 = ||x||^2 - score``), ``x . c`` for
             cosine.
+        rows: optional ``(M',)`` long indices: search only ``x[rows]`` (the C++ search reads
+            them in place); codes and scores then have ``M'`` entries.
     Returns:
         ``(M,)`` long codes.
     """
-    m = x.shape[0]
-    if m and use_certified_search(x, codebook):
-        codes, best, _ = native.certified_search(x, codebook, distance, chunk_size)
+    if use_certified_search(x, codebook) and (x.shape[0] if rows is None else rows.numel()):
+        codes, best, _ = native.certified_search(x, codebook, distance, chunk_size, rows=rows)
         if best_scores is not None:
             best_scores.copy_(best)
         return codes
+    if rows is not None:
+        x = x.index_select(0, rows)
+    m = x.shape[0]
     codes = torch.empty(m, dtype=torch.long, device=x.device)
     if m == 0:
         return codes

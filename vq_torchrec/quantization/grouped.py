@@ -35,9 +35,10 @@ from typing import Any, NamedTuple
 import torch
 
 from vq_torchrec.quantization import native
-from vq_torchrec.quantization.distances import DenseRows, nearest_codes
+from vq_torchrec.quantization.distances import DenseRows, nearest_codes, use_certified_search
 from vq_torchrec.quantization.distributed import all_reduce_sum_, resolve_group, world_size
 from vq_torchrec.quantization.fast_search import nearest_codes_bf16
+from vq_torchrec.quantization.recycle import recycled
 from vq_torchrec.quantization.scratch import scratch
 from vq_torchrec.quantization.validation import MAX_ABS_INPUT
 from vq_torchrec.quantization.vector_quantizer import VectorQuantizer
@@ -95,7 +96,7 @@ class _CommitStraightThrough(torch.autograd.Function):
             return (grad_q if grad_q is not None else torch.zeros_like(z)), None, None
         if grad_q is not None and z.device.type == "cpu" and z.dtype == torch.float32 and native.available():
             return native.commit_grad(grad_q, z, q, 2.0 * grad_sse), None, None
-        diff = torch.sub(z, q)
+        diff = torch.sub(z, q, out=recycled("commit_grad", tuple(z.shape), z.dtype, z.device))
         coef = (2.0 * grad_sse).view(1, -1, 1)
         if grad_q is None:
             return diff.mul_(coef), None, None
@@ -140,15 +141,19 @@ def _search(
     best = torch.empty(s, b, dtype=torch.float32, device=z.device)
     for slot in range(s):
         q = quantizers[slot_table[slot]]
-        x, sq, inverse = z[:, slot], x_sq[:, slot], None
+        x, sq, rows, inverse = z[:, slot], x_sq[:, slot], None, None
         ids = slot_ids[slot] if slot_ids is not None else None
         if ids is not None:
-            x, sq, inverse = _distinct_rows(x, sq, ids)
-        scores = best[slot] if inverse is None else torch.empty(x.shape[0], device=z.device)
-        if q.search_precision == "bf16":
+            rows, inverse = _distinct_rows(ids)
+        if rows is not None:
+            sq = sq.index_select(0, rows)
+        scores = best[slot] if rows is None else torch.empty(rows.numel(), device=z.device)
+        if q.search_precision == "bf16" and not use_certified_search(x, q.embed):
+            if rows is not None:  # the torch search wants the rows gathered
+                x = torch.index_select(x, 0, rows, out=scratch("dedup_rows", (rows.numel(), x.shape[1]), x.dtype, x.device))
             c = nearest_codes_bf16(x, q.embed, "l2", q.chunk_size, x_sq=sq, best_scores=scores)
         else:
-            c = nearest_codes(x, q.embed, "l2", q.chunk_size, best_scores=scores)
+            c = nearest_codes(x, q.embed, "l2", q.chunk_size, best_scores=scores, rows=rows)
         if inverse is not None:
             c = c.index_select(0, inverse)
             torch.index_select(scores, 0, inverse, out=best[slot])
@@ -157,20 +162,17 @@ def _search(
     return codes, dist
 
 
-def _distinct_rows(
-    x: torch.Tensor, sq: torch.Tensor, ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(rows (U, d), ||rows||^2 (U,), inverse (B,))``: one row per distinct id of ``ids``
-    (``x`` row ``b`` is table row ``ids[b]``), ``x[b] == rows[inverse[b]]``; or ``x``, ``sq``
-    and ``None`` when more than ``DEDUP_MAX_SHARE`` of the ids are distinct."""
+def _distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(rows (U,), inverse (B,))``: the position of one row per distinct id of ``ids`` (row
+    ``b`` of the slot is table row ``ids[b]``), with ``ids[b] == ids[rows[inverse[b]]]``; or
+    ``(None, None)`` when more than ``DEDUP_MAX_SHARE`` of the ids are distinct."""
     b = ids.shape[0]
     distinct, inverse = torch.unique(ids, return_inverse=True)
     if distinct.numel() > DEDUP_MAX_SHARE * b:
-        return x, sq, None
-    rep = torch.empty(distinct.numel(), dtype=torch.long, device=x.device)
-    rep.scatter_(0, inverse, torch.arange(b, device=x.device))  # a row of each distinct id
-    rows = scratch("dedup_rows", (rep.numel(), x.shape[1]), x.dtype, x.device)
-    return torch.index_select(x, 0, rep, out=rows), sq.index_select(0, rep), inverse
+        return None, None
+    rows = torch.empty(distinct.numel(), dtype=torch.long, device=ids.device)
+    rows.scatter_(0, inverse, torch.arange(b, device=ids.device))  # a row of each distinct id
+    return rows, inverse
 
 
 def quantize_slots(
@@ -216,7 +218,8 @@ def quantize_slots(
     flat = (codes + slot_offsets).view(-1)
     with torch.no_grad():
         stacked = torch.cat([q.embed for q in quantizers]) if len(quantizers) > 1 else quantizers[0].embed
-        e = stacked.index_select(0, flat).view(b, s, d)
+        out = recycled("grouped_output", (b * s, d), stacked.dtype, device)  # see .recycle
+        e = torch.index_select(stacked, 0, flat, out=out).view(b, s, d)
         if mask is not None:
             e.masked_fill_(~mask.unsqueeze(-1), 0.0)
         counts_all = _statistics(quantizers, slot_table, starts, zd, flat)

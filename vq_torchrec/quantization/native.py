@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from vq_torchrec.quantization.recycle import recycled
+
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("certified_search.cpp", "commit_grad.cpp")]
 # Rows per block: at most BLOCK_ROWS (brgemm's sweet spot, measured 32-512 at K 256 / 1024),
 # fewer when the (rows, K) fp32 scores of a block would not stay in the L2 cache.
@@ -115,7 +117,7 @@ def disabled() -> Iterator[None]:
 
 
 def certified_search(
-    x: torch.Tensor, codebook: torch.Tensor, distance: str, chunk_size: int
+    x: torch.Tensor, codebook: torch.Tensor, distance: str, chunk_size: int, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact nearest code of every row, on CPU: bf16 candidates with a proven error bound,
     fp32 re-score.
@@ -125,6 +127,8 @@ def certified_search(
         codebook: ``(K, dim)`` fp32 CPU codes.
         distance: ``"l2"`` or ``"cosine"``.
         chunk_size: at most this many rows scored at once.
+        rows: optional ``(M',)`` long indices: search only ``x[rows]`` (read in place, no
+            gathered copy); the results then have ``M'`` entries.
     Returns:
         ``codes`` ``(M,)`` long, ``best`` ``(M,)`` fp32 winning scores (``2 x.c - ||c||^2`` for
         l2, ``x.c`` for cosine, as :func:`~.distances.nearest_codes`), and ``stats`` ``(2,)``
@@ -135,13 +139,15 @@ def certified_search(
     if x.stride(-1) != 1:
         x = x.contiguous()
     k = codebook.shape[0]
-    rows = max(16, min(chunk_size, BLOCK_ROWS, BLOCK_SCORES // max(k, 1)))
-    return torch.ops.vq_torchrec.certified_search(x, codebook, distance == "l2", rows, MAX_CANDIDATES)
+    block = max(16, min(chunk_size, BLOCK_ROWS, BLOCK_SCORES // max(k, 1)))
+    return torch.ops.vq_torchrec.certified_search(x, codebook, rows, distance == "l2", block, MAX_CANDIDATES)
 
 
 def commit_grad(dq: torch.Tensor, z: torch.Tensor, q: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``dq + coef[s] * (z - q)`` for ``(B, S, d)`` fp32 CPU tensors and ``(S,)`` ``coef``, in one
-    pass (contiguous result)."""
+    pass, into a recycled contiguous buffer (see :mod:`.recycle`)."""
     if not _load():
         raise RuntimeError(f"vq_torchrec: the C++ kernels are not available (see {__name__})")
-    return torch.ops.vq_torchrec.commit_grad(dq, z, q, coef)
+    out = recycled("commit_grad", tuple(dq.shape), torch.float32, dq.device)
+    torch.ops.vq_torchrec.commit_grad(dq, z, q, coef, out)
+    return out

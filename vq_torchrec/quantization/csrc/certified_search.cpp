@@ -20,8 +20,8 @@
 // the unshifted fp32 scores (the first NaN wins, else the first maximum).
 //
 // Interface (registered as torch.ops.vq_torchrec.certified_search):
-//   x (M, d) fp32, last dim contiguous; codebook (K, d) fp32;
-//   returns codes (M,) int64, winning scores (M,) fp32 and a (2,) int64 tensor of statistics:
+//   x (N, d) fp32, last dim contiguous; codebook (K, d) fp32; index: optional (M,) int64 rows
+//   of x to search (else all N: M = N); returns codes (M,) int64, winning scores (M,) fp32 and a (2,) int64 tensor of statistics:
 //   candidates re-scored in total, rows re-scored against every code.
 
 #include <ATen/ATen.h>
@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -54,6 +55,7 @@ constexpr int kRowMajor = 101;
 constexpr int kNoTrans = 111;
 constexpr int kTrans = 112;
 constexpr int64_t kTile = 64;  // brgemm output columns per call
+constexpr int64_t kPrefetch = 16;  // rows prefetched ahead in the row preparation
 
 inline uint16_t to_bf16(float f) {
   // round to nearest even (inputs are finite here: non-finite rows never reach the GEMM path)
@@ -91,37 +93,35 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return acc;
 }
 
-// q_j := a q_j + b_j in place; returns max_j (q_j - nx w_j)
-inline float add_bias_and_floor(float* q, const float* bias, const float* w, float a, float nx, int64_t k) {
+// threshold pass over one row's GEMM dots g_j: returns max_j (a g_j + b_j - nx w_j)
+inline float floor_max(const float* g, const float* bias, const float* w, float a, float nx, int64_t k) {
   int64_t j = 0;
   float t = -std::numeric_limits<float>::infinity();
 #if defined(__AVX512F__)
   const __m512 av = _mm512_set1_ps(a), nv = _mm512_set1_ps(nx);
   __m512 tv = _mm512_set1_ps(t);
   for (; j + 16 <= k; j += 16) {
-    const __m512 qv = _mm512_fmadd_ps(av, _mm512_loadu_ps(q + j), _mm512_loadu_ps(bias + j));
-    _mm512_storeu_ps(q + j, qv);
+    const __m512 qv = _mm512_fmadd_ps(av, _mm512_loadu_ps(g + j), _mm512_loadu_ps(bias + j));
     tv = _mm512_max_ps(tv, _mm512_fnmadd_ps(nv, _mm512_loadu_ps(w + j), qv));
   }
   t = _mm512_reduce_max_ps(tv);
 #endif
-  for (; j < k; ++j) {
-    q[j] = a * q[j] + bias[j];
-    t = std::max(t, q[j] - nx * w[j]);
-  }
+  for (; j < k; ++j) t = std::max(t, a * g[j] + bias[j] - nx * w[j]);
   return t;
 }
 
 struct Problem {
   const float* cb;     // (K, d)
-  const float* x;      // row i at x + i * x_stride
+  const float* x;      // searched row i at x + row(i) * x_stride
   int64_t x_stride;
+  const int64_t* index;  // row(i) = index[i], or i when null
   int64_t m, k, d;
   int64_t ldc;         // row stride of the block scores (K rounded up to kTile for brgemm)
   bool l2;
   float a;             // 2 for l2, 1 for cosine
   const float* c_sq;   // (K,) ||c||^2 (l2)
   const float* mu;     // (d,)
+  const float* mu_c;   // (K,) mu . c_j
   const float* cs;     // (K, d) fp32 c - mu
   const uint16_t* cb16;  // (K, d) bf16 of c - mu
   const at::BFloat16* packed;  // VNNI tiles of bf16(c - mu)^T for brgemm, or null (MKL GEMM)
@@ -135,10 +135,14 @@ struct Problem {
 
 // Codebook-side arrays of one call (kept per thread between calls: no page faults).
 struct CodebookState {
-  std::vector<float> mu, c_sq, cs, w, bias;
+  std::vector<float> mu, mu_c, c_sq, cs, w, bias;
   std::vector<uint16_t> cb16;
   std::vector<at::BFloat16> bt, packed;
 };
+
+inline const float* row_ptr(const Problem& p, int64_t i) {
+  return p.x + (p.index != nullptr ? p.index[i] : i) * p.x_stride;
+}
 
 inline float exact_score(const Problem& p, const float* xr, int64_t j) {
   const float* c = p.cb + j * p.d;
@@ -212,7 +216,12 @@ void search_block(const Problem& p, int64_t begin, int64_t end, int64_t* codes, 
   // shifted rows (fp32 and bf16) and ||x'||; a non-finite value anywhere in a row (or an
   // overflowing norm) gives xn = NaN, and that row is scanned in full below
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = p.x + (begin + r) * p.x_stride;
+    const float* xr = row_ptr(p, begin + r);
+    if (begin + r + kPrefetch < end) {
+      // rows of a (B, S, d) slot sit a page or more apart: start the next rows' loads early
+      const char* next = reinterpret_cast<const char*>(row_ptr(p, begin + r + kPrefetch));
+      for (int64_t off = 0; off < d * 4; off += 64) __builtin_prefetch(next + off);
+    }
     float* sr = xs.data() + r * d;
     uint16_t* br = xb.data() + r * d;
     float ss = 0.f;
@@ -228,7 +237,7 @@ void search_block(const Problem& p, int64_t begin, int64_t end, int64_t* codes, 
   gemm_block(p, rows, xb.data(), sb.data());
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = begin + r;
-    const float* xr = p.x + row * p.x_stride;
+    const float* xr = row_ptr(p, row);
     const float nx = xn[r];
     if (std::isnan(nx)) {
       full_scan(p, xr, codes[row], scores[row]);
@@ -236,18 +245,19 @@ void search_block(const Problem& p, int64_t begin, int64_t end, int64_t* codes, 
       continue;
     }
     const float* sr = xs.data() + r * d;
-    float* q = sb.data() + r * p.ldc;
+    const float* g = sb.data() + r * p.ldc;
     const float eps = p.eps_coef * (p.a * nx * p.cs_max + p.cs_max * p.cs_max + p.b_max) + p.eps_abs;
-    // q_j := a x'.c'_j + b_j; threshold T = max_j (q_j - e_j)
-    const float t = add_bias_and_floor(q, p.bias, p.w, p.a, nx, k) - 2.f * eps;
+    // q_j = a g_j + b_j (recomputed in each pass: no write-back of the scores)
+    const float t = floor_max(g, p.bias, p.w, p.a, nx, k) - 2.f * eps;
     int64_t n = 0;
     bool overflow = false;
     int64_t j0 = 0;
 #ifdef __AVX512F__
     // 16 codes per compare; almost every mask is empty
-    const __m512 tv = _mm512_set1_ps(t), nv = _mm512_set1_ps(nx);
+    const __m512 tv = _mm512_set1_ps(t), nv = _mm512_set1_ps(nx), av = _mm512_set1_ps(p.a);
     for (; j0 + 16 <= k && !overflow; j0 += 16) {
-      const __m512 v = _mm512_fmadd_ps(nv, _mm512_loadu_ps(p.w + j0), _mm512_loadu_ps(q + j0));
+      const __m512 qv = _mm512_fmadd_ps(av, _mm512_loadu_ps(g + j0), _mm512_loadu_ps(p.bias + j0));
+      const __m512 v = _mm512_fmadd_ps(nv, _mm512_loadu_ps(p.w + j0), qv);
       uint32_t mask = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
       while (mask) {
         if (n == p.max_candidates) {
@@ -260,7 +270,7 @@ void search_block(const Problem& p, int64_t begin, int64_t end, int64_t* codes, 
     }
 #endif
     for (int64_t j = j0; j < k && !overflow; ++j) {
-      if (q[j] + nx * p.w[j] >= t) {
+      if (p.a * g[j] + p.bias[j] + nx * p.w[j] >= t) {
         if (n == p.max_candidates) {
           overflow = true;
           break;
@@ -285,12 +295,16 @@ void search_block(const Problem& p, int64_t begin, int64_t end, int64_t* codes, 
       }
     }
     codes[row] = best_j;
-    scores[row] = exact_score(p, xr, best_j);
+    // the winner's unshifted score from the cache-resident shifted row: x = x' + mu, so
+    // x . c = x' . c + mu . c (the scattered source row is not read a second time)
+    const float xc = dot(sr, p.cb + best_j * d, d) + p.mu_c[best_j];
+    scores[row] = p.l2 ? 2.f * xc - p.c_sq[best_j] : xc;
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor& x,
                                                                 const at::Tensor& codebook,
+                                                                const std::optional<at::Tensor>& index,
                                                                 bool l2, int64_t block_rows,
                                                                 int64_t max_candidates) {
   TORCH_CHECK(x.dim() == 2 && codebook.dim() == 2, "certified_search: x (M, d) and codebook (K, d)");
@@ -300,7 +314,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor
   TORCH_CHECK(x.size(1) == codebook.size(1), "certified_search: x and codebook widths differ");
   TORCH_CHECK(x.size(0) == 0 || x.stride(1) == 1, "certified_search: x rows must be contiguous");
   TORCH_CHECK(block_rows > 0 && max_candidates > 0, "certified_search: block_rows, max_candidates > 0");
-  const int64_t m = x.size(0), d = x.size(1), k = codebook.size(0);
+  if (index.has_value()) {
+    TORCH_CHECK(index->dim() == 1 && index->scalar_type() == at::kLong && index->is_contiguous() &&
+                    index->device().is_cpu(),
+                "certified_search: index must be a contiguous 1-d int64 CPU tensor");
+    if (index->numel() > 0) {
+      TORCH_CHECK(index->min().item<int64_t>() >= 0 && index->max().item<int64_t>() < x.size(0),
+                  "certified_search: index out of range for ", x.size(0), " rows");
+    }
+  }
+  const int64_t m = index.has_value() ? index->numel() : x.size(0), d = x.size(1), k = codebook.size(0);
   TORCH_CHECK(k > 0 && d > 0, "certified_search: empty codebook");
   auto codes = at::empty({m}, x.options().dtype(at::kLong));
   auto best = at::empty({m}, x.options());
@@ -323,6 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor
   thread_local CodebookState st;
   st.mu.assign(d, 0.f);
   st.c_sq.resize(k);
+  st.mu_c.resize(k);
   st.cs.resize(k * d);
   st.cb16.resize(k * d);
   st.w.resize(k);
@@ -338,14 +362,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor
   for (int64_t j = 0; j < k; ++j) {
     const float* cj = c + j * d;
     float* sj = st.cs.data() + j * d;
-    float csq = 0.f, ssq = 0.f, mdot = 0.f;
+    float csq = 0.f, ssq = 0.f, mdot = 0.f, muc = 0.f;
     for (int64_t i = 0; i < d; ++i) {
       const float v = cj[i] - st.mu[i];
       sj[i] = v;
       csq += cj[i] * cj[i];
       ssq += v * v;
       mdot += st.mu[i] * v;
+      muc += st.mu[i] * cj[i];
     }
+    st.mu_c[j] = muc;
     to_bf16_row(sj, st.cb16.data() + j * d, d);
     const float norm = std::sqrt(ssq);
     st.c_sq[j] = csq;
@@ -375,6 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor
   p.cb = c;
   p.x = x.data_ptr<float>();
   p.x_stride = x.stride(0);
+  p.index = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
   p.m = m;
   p.k = k;
   p.d = d;
@@ -382,6 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor
   p.a = a;
   p.c_sq = st.c_sq.data();
   p.mu = st.mu.data();
+  p.mu_c = st.mu_c.data();
   p.cs = st.cs.data();
   p.cb16 = st.cb16.data();
   p.w = st.w.data();
@@ -397,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor
   if (!finite_cb) {
     // torch.max semantics on a codebook with non-finite entries: plain fp32 scan
     at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) full_scan(p, p.x + r * p.x_stride, codes_p[r], best_p[r]);
+      for (int64_t r = b; r < e; ++r) full_scan(p, row_ptr(p, r), codes_p[r], best_p[r]);
     });
     stats.data_ptr<int64_t>()[1] = m;
     return {codes, best, stats};
@@ -427,7 +455,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor
 
 TORCH_LIBRARY(vq_torchrec, m) {
   m.def(
-      "certified_search(Tensor x, Tensor codebook, bool l2, int block_rows, int max_candidates) "
+      "certified_search(Tensor x, Tensor codebook, Tensor? index, bool l2, int block_rows, "
+      "int max_candidates) "
       "-> (Tensor, Tensor, Tensor)");
 }
 
