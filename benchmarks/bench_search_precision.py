@@ -9,9 +9,12 @@ Three searches over the same rows and codebook:
 
 At the DLRM goal shape (8192 rows, dim 128, K 1024) by default. Codebooks: ``random``
 (Gaussian codes, Gaussian rows) and ``kmeans`` (a ``VectorQuantizer`` k-means init, 5
-iterations, on DLRM-like uniform rows). ``optimal`` = share of rows whose code is the best one
+iterations, on DLRM-like uniform rows) and ``offset`` (rows and codes ``5 + 0.1 N(0, 1)``: a
+common offset 50x their spread). ``optimal`` = share of rows whose code is the best one
 in float64 up to fp32 rounding of the score (``4 (d + 2) 2^-24`` times its scale), the
-yardstick for all three; ``= fp32`` = share of rows with the torch fp32 search's code.
+yardstick for all three; ``= fp32`` = share of rows with the torch fp32 search's code;
+``worst excess`` = the largest relative excess of a chosen code's float64 distance over the
+best code's (0 = every row got a float64-best code).
 Times: median process CPU time of ``--reps`` calls; speed-ups are torch fp32 / the search.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_search_precision.py --threads 1
@@ -54,6 +57,19 @@ def optimal_share(x: torch.Tensor, book: torch.Tensor, codes: torch.Tensor, dist
     return (gap <= tol).double().mean().item()
 
 
+def worst_excess(x: torch.Tensor, book: torch.Tensor, codes: torch.Tensor, distance: str) -> float:
+    """Largest relative excess of the chosen code's float64 distance over the best one
+    (``||x - c||^2 / min - 1`` for l2, ``(1 - x.c) / (1 - max x.c) - 1`` for cosine)."""
+    x64, b64 = x.double(), book.double()
+    if distance == "l2":
+        dist = torch.cdist(x64, b64).pow(2)
+    else:
+        dist = 1 - x64 @ b64.t()
+    best = dist.min(dim=1).values
+    chosen = dist.gather(1, codes.view(-1, 1)).squeeze(1)
+    return ((chosen - best) / best.clamp_min(1e-300)).max().item()
+
+
 def data(kind: str, distance: str, rows: int, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(rows, dim)
     if kind == "random":
@@ -61,6 +77,9 @@ def data(kind: str, distance: str, rows: int, dim: int, k: int) -> tuple[torch.T
         if distance == "cosine":
             x, book = l2_normalize(x), l2_normalize(book)
         return x, book
+    if kind == "offset":  # a large common offset: the unshifted fp32 scores lose digits
+        x, book = 5 + 0.1 * torch.randn(rows, dim), 5 + 0.1 * torch.randn(k, dim)
+        return (l2_normalize(x), l2_normalize(book)) if distance == "cosine" else (x, book)
     x = (torch.rand(rows, dim) - 0.5) * 0.1  # DLRM-like uniform table init
     vq = VectorQuantizer(dim, k, distance=distance, kmeans_iters=5, restart_every=0)
     vq(x)
@@ -83,14 +102,16 @@ def main() -> None:
     print(f"rows={args.rows} dim={args.dim} K={args.k} chunk_size={args.chunk_size} threads={args.threads}")
     print(
         "| codebook | distance | torch fp32 ms | torch bf16 ms | certified ms | certified speed-up "
-        "| candidates / row | optimal: torch fp32 / torch bf16 / certified | certified = fp32 |"
+        "| candidates / row | optimal: torch fp32 / torch bf16 / certified | certified = fp32 "
+        "| worst excess distance: torch fp32 / torch bf16 / certified |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|---|")
     cs = args.chunk_size
-    for kind in ("random", "kmeans"):
+    for kind in ("random", "kmeans", "offset"):
         for distance in ("l2", "cosine"):
             t32, t16, tc, cands = [], [], [], []
             opt: dict[str, list[float]] = {"fp32": [], "bf16": [], "cert": []}
+            excess: dict[str, list[float]] = {"fp32": [], "bf16": [], "cert": []}
             same = []
             for seed in range(args.seeds):
                 torch.manual_seed(seed)
@@ -105,12 +126,15 @@ def main() -> None:
                 cands.append(stats[0].item() / args.rows)
                 for name, codes in (("fp32", ref), ("bf16", fast), ("cert", cert)):
                     opt[name].append(optimal_share(x, book, codes, distance))
+                    excess[name].append(worst_excess(x, book, codes, distance))
                 same.append((cert == ref).double().mean().item())
             a, b, c = statistics.median(t32), statistics.median(t16), statistics.median(tc)
             shares = " / ".join(f"{100 * statistics.mean(opt[n]):.3f} %" for n in ("fp32", "bf16", "cert"))
             print(
                 f"| {kind} | {distance} | {a:.1f} | {b:.1f} | {c:.1f} | {a / c:.2f}x | "
-                f"{statistics.mean(cands):.2f} | {shares} | {100 * statistics.mean(same):.3f} % |",
+                f"{statistics.mean(cands):.2f} | {shares} | {100 * statistics.mean(same):.3f} % | "
+                + " / ".join(f"{max(excess[n]):.1e}" for n in ("fp32", "bf16", "cert"))
+                + " |",
                 flush=True,
             )
 

@@ -136,3 +136,25 @@ def test_bad_search_precision() -> None:
         build_quantizer(8, VQConfig(codebook_size=16, search_precision="int8"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mode='vector'"):
         VectorQuantizer(8, 16, mode="outer", search_precision="bf16")
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_large_common_offset(distance: str) -> None:
+    # rows and codes at 5 +- 0.1: the bf16 candidates come from mean-shifted vectors, so the
+    # offset costs no precision (unshifted, only ~11 % of l2 rows got the best code)
+    g = torch.Generator().manual_seed(12)
+    x = 5 + 0.1 * torch.randn(2000, 64, generator=g)
+    book = 5 + 0.1 * torch.randn(256, 64, generator=g)
+    if distance == "cosine":
+        x, book = l2_normalize(x), l2_normalize(book)
+    out = torch.empty(2000)
+    fast = nearest_codes_bf16(x, book, distance, 8192, best_scores=out)
+    x64, b64 = x.double(), book.double()
+    s = x64 @ b64.t()
+    if distance == "l2":
+        s = 2 * s - b64.pow(2).sum(1)
+    best = s.argmax(1)
+    assert (fast == best).double().mean().item() >= 0.999
+    # the returned score is the unshifted one (2 x.c - ||c||^2 / x.c) of the chosen code
+    ref = s.gather(1, fast.view(-1, 1)).squeeze(1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-2)
