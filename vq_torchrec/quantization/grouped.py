@@ -145,12 +145,11 @@ def _search(
         ids = slot_ids[slot] if slot_ids is not None else None
         if ids is not None:
             rows, inverse = _distinct_rows(ids)
-        if rows is not None:
-            sq = sq.index_select(0, rows)
         scores = best[slot] if rows is None else torch.empty(rows.numel(), device=z.device)
         if q.search_precision == "bf16" and not use_certified_search(x, q.embed):
             if rows is not None:  # the torch search wants the rows gathered
                 x = torch.index_select(x, 0, rows, out=scratch("dedup_rows", (rows.numel(), x.shape[1]), x.dtype, x.device))
+                sq = sq.index_select(0, rows)
             c = nearest_codes_bf16(x, q.embed, "l2", q.chunk_size, x_sq=sq, best_scores=scores)
         else:
             c = nearest_codes(x, q.embed, "l2", q.chunk_size, best_scores=scores, rows=rows)

@@ -14,15 +14,17 @@
 // re-score differs from p_j by at most eps_row plus a gamma_d share of kappa. Every code with
 // q_j + e_j >= T, where T = max_k (q_k - e_k), is a candidate, so the winner of the fp32
 // re-score always is one. Candidates are re-scored in fp32 and the best wins (lowest index on
-// ties); its returned score is then computed unshifted (2 x . c - ||c||^2 or x . c), as the loss
-// uses it. Rows with more than `max_candidates` candidates are re-scored against every code;
+// ties); its returned score is the unshifted one (2 x . c - ||c||^2 or x . c, with
+// x . c = x' . c + mu . c), as the loss uses it. Rows with more than `max_candidates`
+// candidates are re-scored against every code;
 // rows with a non-finite value, and every row when the codebook has one, follow torch.max over
 // the unshifted fp32 scores (the first NaN wins, else the first maximum).
 //
 // Interface (registered as torch.ops.vq_torchrec.certified_search):
 //   x (N, d) fp32, last dim contiguous; codebook (K, d) fp32; index: optional (M,) int64 rows
-//   of x to search (else all N: M = N); returns codes (M,) int64, winning scores (M,) fp32 and a (2,) int64 tensor of statistics:
-//   candidates re-scored in total, rows re-scored against every code.
+//   of x to search (else all N: M = N); returns codes (M,) int64, winning scores (M,) fp32
+//   and a (2,) int64 tensor of statistics: candidates re-scored in total, rows re-scored
+//   against every code.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -115,7 +117,7 @@ struct Problem {
   const float* x;      // searched row i at x + row(i) * x_stride
   int64_t x_stride;
   const int64_t* index;  // row(i) = index[i], or i when null
-  int64_t m, k, d;
+  int64_t k, d;
   int64_t ldc;         // row stride of the block scores (K rounded up to kTile for brgemm)
   bool l2;
   float a;             // 2 for l2, 1 for cosine
@@ -402,7 +404,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor
   p.x = x.data_ptr<float>();
   p.x_stride = x.stride(0);
   p.index = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
-  p.m = m;
   p.k = k;
   p.d = d;
   p.l2 = l2;
