@@ -200,3 +200,26 @@ def test_rows_are_searched_in_place() -> None:
         native.certified_search(x, book, "l2", 64, rows=torch.tensor([-1]))
     with pytest.raises(RuntimeError, match="int64"):
         native.certified_search(x, book, "l2", 64, rows=torch.tensor([0, 1], dtype=torch.int32))
+
+
+def test_self_test_switches_a_broken_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert native._self_test()  # the real kernels pass
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("could not create a BRGeMM ukernel")
+
+    monkeypatch.setattr(torch.ops.vq_torchrec, "certified_search", broken)
+    with pytest.warns(UserWarning, match="failed their self-test .*BRGeMM"):
+        assert not native._self_test()
+
+
+def test_self_test_catches_wrong_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch.ops.vq_torchrec.certified_search
+
+    def off_by_one(*args: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        codes, best, stats = real(*args)
+        return (codes + 1) % args[1].shape[0], best, stats  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(torch.ops.vq_torchrec, "certified_search", off_by_one)
+    with pytest.warns(UserWarning, match="results differ"):
+        assert not native._self_test()

@@ -9,9 +9,10 @@
 
 They are compiled once per machine and CPU type with ``torch.utils.cpp_extension`` (g++ and
 ninja, ~20 s; torch caches the build under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). Where they cannot be built (no compiler, a torch without
-MKL/oneDNN, a non-x86 CPU) or ``VQ_TORCHREC_NATIVE=0`` is set, :func:`available` is False and
-callers run pure-torch code with the same results.
+``~/.cache/torch_extensions``) and checked once against the torch formulas on small random
+data. Where they cannot be built (no compiler, a torch without MKL/oneDNN, a non-x86 CPU),
+fail that check, or ``VQ_TORCHREC_NATIVE=0`` is set, :func:`available` is False and callers
+run pure-torch code with the same results.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _load() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     if hasattr(torch.ops, "vq_torchrec") and hasattr(torch.ops.vq_torchrec, "commit_grad"):
-        return True
+        return _self_test()
     try:
         from torch.utils.cpp_extension import load
 
@@ -68,7 +69,33 @@ def _load() -> bool:
             stacklevel=3,
         )
         return False
-    return True
+    return _self_test()
+
+
+def _self_test() -> bool:
+    """Run both kernels once on small random data against the torch formulas. A kernel that
+    loads but fails at run time (e.g. a oneDNN ukernel this CPU cannot create) or disagrees is
+    switched off here, with a warning, instead of failing in the middle of training."""
+    g = torch.Generator().manual_seed(0)
+    x, book = torch.randn(300, 32, generator=g), torch.randn(100, 32, generator=g)
+    try:
+        codes, _, _ = torch.ops.vq_torchrec.certified_search(x, book, None, True, 64, MAX_CANDIDATES)
+        ref = (2 * x.double() @ book.double().t() - book.double().pow(2).sum(1)).argmax(1)
+        dq, z, q = (torch.randn(4, 3, 32, generator=g) for _ in range(3))
+        coef = torch.randn(3, generator=g)
+        out = torch.empty_like(dq)
+        torch.ops.vq_torchrec.commit_grad(dq, z, q, coef, out)
+        ok = torch.equal(codes, ref) and torch.allclose(out, dq + coef.view(1, 3, 1) * (z - q), atol=1e-5)
+        problem = "" if ok else "results differ from the torch formulas"
+    except RuntimeError as exc:
+        ok, problem = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not ok:
+        warnings.warn(
+            f"vq_torchrec: the C++ kernels built but failed their self-test ({problem}); using the "
+            "pure-torch code (same results, slower on CPU).",
+            stacklevel=4,
+        )
+    return ok
 
 
 _switched_off = threading.local()
