@@ -46,12 +46,18 @@ def test_other_sizes_and_names_get_their_own_buffers() -> None:
     assert big.data_ptr() != ptr
 
 
-def test_grouped_output_kept_by_the_caller_is_never_overwritten() -> None:
-    torch.manual_seed(0)
+def _two_tables(seed: int) -> tuple[list[VectorQuantizer], torch.Tensor]:
+    """Two initialised quantizers (dim 8, K 16) and a ``(32, 2, 8)`` batch for quantize_slots."""
+    torch.manual_seed(seed)
     qs = [VectorQuantizer(8, 16, kmeans_iters=2, restart_every=0) for _ in range(2)]
     z = torch.randn(32, 2, 8)
     for t, q in enumerate(qs):  # initialise through the per-table path
         q(z[:, t])
+    return qs, z
+
+
+def test_grouped_output_kept_by_the_caller_is_never_overwritten() -> None:
+    qs, z = _two_tables(seed=0)
     outputs, grads, copies = [], [], []
     for step in range(3):
         zs = (z + step).requires_grad_()
@@ -66,11 +72,7 @@ def test_grouped_output_kept_by_the_caller_is_never_overwritten() -> None:
 
 
 def test_grouped_output_buffer_is_reused_when_dropped() -> None:
-    torch.manual_seed(1)
-    qs = [VectorQuantizer(8, 16, kmeans_iters=2, restart_every=0) for _ in range(2)]
-    z = torch.randn(32, 2, 8)
-    for t, q in enumerate(qs):
-        q(z[:, t])
+    qs, z = _two_tables(seed=1)
     ptrs = []
     for _ in range(4):
         zs = z.clone().requires_grad_()
