@@ -320,10 +320,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> certified_search(const at::Tensor
     TORCH_CHECK(index->dim() == 1 && index->scalar_type() == at::kLong && index->is_contiguous() &&
                     index->device().is_cpu(),
                 "certified_search: index must be a contiguous 1-d int64 CPU tensor");
-    if (index->numel() > 0) {
-      TORCH_CHECK(index->min().item<int64_t>() >= 0 && index->max().item<int64_t>() < x.size(0),
-                  "certified_search: index out of range for ", x.size(0), " rows");
-    }
+    const int64_t* idx = index->data_ptr<int64_t>();
+    const int64_t n = x.size(0);
+    bool in_range = true;
+    for (int64_t i = 0; i < index->numel(); ++i) in_range = in_range && idx[i] >= 0 && idx[i] < n;
+    TORCH_CHECK(in_range, "certified_search: index out of range for ", n, " rows");
   }
   const int64_t m = index.has_value() ? index->numel() : x.size(0), d = x.size(1), k = codebook.size(0);
   TORCH_CHECK(k > 0 && d > 0, "certified_search: empty codebook");
