@@ -61,11 +61,11 @@ def _load() -> bool:
             is_python_module=False,
             verbose=False,
         )
-    except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch search
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch code
         warnings.warn(
-            f"vq_torchrec: the C++ nearest-code search could not be built ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); using the pure-torch search "
-            f"(same codes, slower on CPU). Set {ENV_SWITCH}=0 to skip the build.",
+            f"vq_torchrec: the C++ CPU kernels could not be built ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); using the pure-torch code "
+            f"(same results, slower on CPU). Set {ENV_SWITCH}=0 to skip the build.",
             stacklevel=3,
         )
         return False
@@ -166,7 +166,7 @@ def certified_search(
     if x.stride(-1) != 1:
         x = x.contiguous()
     k = codebook.shape[0]
-    block = max(16, min(chunk_size, BLOCK_ROWS, BLOCK_SCORES // max(k, 1)))
+    block = max(1, min(chunk_size, BLOCK_ROWS, BLOCK_SCORES // max(k, 1)))
     return torch.ops.vq_torchrec.certified_search(x, codebook, rows, distance == "l2", block, MAX_CANDIDATES)
 
 
