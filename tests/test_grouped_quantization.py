@@ -227,8 +227,15 @@ def single_id_kjt(batch: int, seed: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=["f1", "f2", "f3", "f4"], values=values, lengths=torch.ones(4 * batch, dtype=torch.long))
 
 
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_single_id_bags_search_distinct_rows_only(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
+def test_single_id_bags_search_distinct_rows_only(monkeypatch: pytest.MonkeyPatch, precision: str, kernels: str) -> None:
+    """Distinct rows are searched in place by the C++ search and gathered for the torch ones."""
+    with native.disabled() if kernels == "torch" else contextlib.nullcontext():
+        _check_single_id_bags(monkeypatch, precision)
+
+
+def _check_single_id_bags(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
     import vq_torchrec.quantization.grouped as grouped
 
     searched: list[int] = []
@@ -243,7 +250,7 @@ def test_single_id_bags_search_distinct_rows_only(monkeypatch: pytest.MonkeyPatc
 
         monkeypatch.setattr(grouped, name, spy)
 
-    # bf16 runs the C++ search through nearest_codes where it is built
+    # the grouped path calls the search of the table's precision
     spy_on("nearest_codes")
     spy_on("nearest_codes_bf16")
     fast, slow = pair(cfg(search_precision=precision))

@@ -68,8 +68,8 @@ def nearest_codes_bf16(
     distance: str,
     chunk_size: int,
     num_candidates: int = DEFAULT_CANDIDATES,
-    x_sq: torch.Tensor | None = None,
     best_scores: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Index of the nearest code per row: bf16 candidates, exact fp32 choice among them.
 
@@ -79,19 +79,21 @@ def nearest_codes_bf16(
         distance: ``"l2"`` or ``"cosine"``.
         chunk_size: at most this many rows scored at once (``chunk_size * K`` bf16 scores).
         num_candidates: candidates re-scored exactly per row (``>= 1``).
-        x_sq: optional precomputed ``(M,)`` fp32 ``||x||^2`` (cosine: finds the all-zero rows
-            without a pass over ``x``).
         best_scores: optional ``(M,)`` fp32 tensor that receives the winner's exact fp32 score
             (as :func:`~.distances.nearest_codes`: ``2 x . c - ||c||^2`` for l2, ``x . c`` for cosine).
+        rows: optional ``(M',)`` long indices: search only ``x[rows]``, as in
+            :func:`~.distances.nearest_codes`; results then have ``M'`` entries.
     Returns:
         ``(M,)`` long codes.
     """
+    if use_certified_search(x, codebook):
+        # on CPU the C++ search is exact and faster than this one: nothing left to trade
+        return nearest_codes(x, codebook, distance, chunk_size, best_scores=best_scores, rows=rows)
+    if rows is not None:
+        x = x.index_select(0, rows)
     m = x.shape[0]
     if m == 0:
         return torch.empty(0, dtype=torch.long, device=x.device)
-    if use_certified_search(x, codebook):
-        # on CPU the C++ search is exact and faster than this one: nothing left to trade
-        return nearest_codes(x, codebook, distance, chunk_size, best_scores=best_scores)
     k, d = codebook.shape
     groups, per_group = group_layout(k)
     kp = groups * per_group
@@ -165,7 +167,5 @@ def nearest_codes_bf16(
         codes[start : start + c] = torch.where(s == best, cand, k).amin(dim=1)
     if distance == "cosine":
         # all-zero rows score 0 against every code; the fp32 search returns the first code
-        if x_sq is None:
-            x_sq = torch.linalg.vector_norm(x, dim=1).square_()
-        codes.masked_fill_(x_sq == 0, 0)
+        codes.masked_fill_(torch.linalg.vector_norm(x, dim=1) == 0, 0)
     return codes

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 
 from vq_torchrec.quantization import native
-from vq_torchrec.quantization.distances import DenseRows, nearest_codes, use_certified_search
+from vq_torchrec.quantization.distances import DenseRows, nearest_codes
 from vq_torchrec.quantization.distributed import all_reduce_sum_, resolve_group, world_size
 from vq_torchrec.quantization.fast_search import nearest_codes_bf16
 from vq_torchrec.quantization.recycle import recycled
@@ -141,18 +141,13 @@ def _search(
     best = torch.empty(s, b, dtype=torch.float32, device=z.device)
     for slot in range(s):
         q = quantizers[slot_table[slot]]
-        x, sq, rows, inverse = z[:, slot], x_sq[:, slot], None, None
+        x, rows, inverse = z[:, slot], None, None
         ids = slot_ids[slot] if slot_ids is not None else None
         if ids is not None:
             rows, inverse = _distinct_rows(ids)
         scores = best[slot] if rows is None else torch.empty(rows.numel(), device=z.device)
-        if q.search_precision == "bf16" and not use_certified_search(x, q.embed):
-            if rows is not None:  # the torch search wants the rows gathered
-                x = torch.index_select(x, 0, rows, out=scratch("dedup_rows", (rows.numel(), x.shape[1]), x.dtype, x.device))
-                sq = sq.index_select(0, rows)
-            c = nearest_codes_bf16(x, q.embed, "l2", q.chunk_size, x_sq=sq, best_scores=scores)
-        else:
-            c = nearest_codes(x, q.embed, "l2", q.chunk_size, best_scores=scores, rows=rows)
+        search = nearest_codes_bf16 if q.search_precision == "bf16" else nearest_codes
+        c = search(x, q.embed, "l2", q.chunk_size, best_scores=scores, rows=rows)
         if inverse is not None:
             c = c.index_select(0, inverse)
             torch.index_select(scores, 0, inverse, out=best[slot])
